@@ -1,0 +1,1 @@
+//! rkport api (placeholder until implemented).

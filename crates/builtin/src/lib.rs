@@ -1,0 +1,1 @@
+//! rkport builtin (placeholder until implemented).

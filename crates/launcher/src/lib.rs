@@ -1,0 +1,1 @@
+//! rkport launcher (placeholder until implemented).

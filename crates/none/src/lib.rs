@@ -1,0 +1,1 @@
+//! rkport none (placeholder until implemented).

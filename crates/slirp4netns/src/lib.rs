@@ -1,0 +1,1 @@
+//! rkport slirp4netns (placeholder until implemented).

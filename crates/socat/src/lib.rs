@@ -1,0 +1,1 @@
+//! rkport socat (placeholder until implemented).
