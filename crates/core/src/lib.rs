@@ -15,6 +15,8 @@
 //! on this crate only; the API crate's client implements [`PortDriver`] too, so tools talk to "a
 //! driver" whether it runs in-process or behind `api.sock`.
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod driver;
 pub mod error;
 pub mod proto;
