@@ -18,12 +18,21 @@ pub enum SpecError {
     Syntax { spec: String, reason: String },
     /// A field of a spec string is invalid; `source` says which.
     #[error("invalid port spec {spec:?}: {source}")]
-    Field { spec: String, source: Box<SpecError> },
-    #[error("unknown proto: {0:?} (want one of tcp, tcp4, tcp6, udp, udp4, udp6, sctp, sctp4, sctp6)")]
+    Field {
+        spec: String,
+        source: Box<SpecError>,
+    },
+    #[error(
+        "unknown proto: {0:?} (want one of tcp, tcp4, tcp6, udp, udp4, udp6, sctp, sctp4, sctp6)"
+    )]
     UnknownProto(String),
-    #[error("invalid ParentIP: {0:?} (want an IPv4 or IPv6 literal, IPv6 in brackets in a spec string)")]
+    #[error(
+        "invalid ParentIP: {0:?} (want an IPv4 or IPv6 literal, IPv6 in brackets in a spec string)"
+    )]
     InvalidParentIp(String),
-    #[error("invalid ChildIP: {0:?} (want an IPv4 or IPv6 literal, IPv6 in brackets in a spec string)")]
+    #[error(
+        "invalid ChildIP: {0:?} (want an IPv4 or IPv6 literal, IPv6 in brackets in a spec string)"
+    )]
     InvalidChildIp(String),
     /// The parent port as given, e.g. `70000` or `"x"`.
     #[error("invalid ParentPort: {0} (must be a number from 1 to 65535)")]

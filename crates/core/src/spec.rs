@@ -129,7 +129,9 @@ impl PortSpec {
             (None, Some(IpAddr::V6(ip))) => v6(ip, true),
             (Some(Family::V4), _) if wildcard => v4(Ipv4Addr::UNSPECIFIED),
             (Some(Family::V4), Some(IpAddr::V4(ip))) => v4(ip),
-            (Some(Family::V4), _) => return Err(mismatch("an IPv4 address or the unsuffixed proto")),
+            (Some(Family::V4), _) => {
+                return Err(mismatch("an IPv4 address or the unsuffixed proto"))
+            }
             (Some(Family::V6), None) => v6(Ipv6Addr::UNSPECIFIED, true),
             (Some(Family::V6), Some(IpAddr::V6(ip))) => v6(ip, true),
             (Some(Family::V6), Some(IpAddr::V4(_))) => {
@@ -206,11 +208,19 @@ impl FromStr for PortSpec {
             .ok_or_else(|| syntax("missing /PROTO (e.g. 127.0.0.1:8080:80/tcp)"))?;
         let proto: Proto = proto.parse().map_err(field)?;
 
-        let fields = split_fields(addrs).map_err(|r| syntax(r))?;
+        let fields = split_fields(addrs).map_err(&syntax)?;
         let (parent_ip, parent_port, child_ip, child_port) = match fields.as_slice() {
             [pip, pport, cport] => (*pip, *pport, None, *cport),
             [pip, pport, cip, cport] => (*pip, *pport, Some(*cip), *cport),
-            _ if addrs.matches(':').count() > 4 => {
+            [pport, cport] => {
+                return Err(syntax(&format!(
+                    "want [PARENT_IP]:PARENT_PORT:[CHILD_IP:]CHILD_PORT/PROTO \
+                     (for every host address write :{pport}:{cport}/{proto})"
+                )))
+            }
+            _ if (addrs.contains("::") || addrs.matches(':').count() > 4)
+                && !addrs.contains('[') =>
+            {
                 return Err(syntax(
                     "too many fields (IPv6 addresses must be in square brackets)",
                 ))
@@ -359,5 +369,347 @@ impl PortSpec {
         };
         spec.validate()?;
         Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::PortId;
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    const BASE: PortSpec = PortSpec {
+        proto: Proto::Tcp,
+        parent_ip: None,
+        parent_port: 8080,
+        child_port: 80,
+        child_ip: None,
+    };
+
+    /// Upstream's `TestParsePortSpec` table (tests-upstream §1.1).
+    #[test]
+    fn parse_upstream_table() {
+        let ok = [
+            (
+                "127.0.0.1:8080:80/tcp",
+                PortSpec {
+                    parent_ip: ip("127.0.0.1"),
+                    ..BASE
+                },
+            ),
+            (
+                "127.0.0.1:8080:80/tcp4",
+                PortSpec {
+                    proto: Proto::Tcp4,
+                    parent_ip: ip("127.0.0.1"),
+                    ..BASE
+                },
+            ),
+            (
+                "127.0.0.1:8080:10.0.2.100:80/tcp",
+                PortSpec {
+                    parent_ip: ip("127.0.0.1"),
+                    child_ip: ip("10.0.2.100"),
+                    ..BASE
+                },
+            ),
+            (
+                "[::1]:8080:80/tcp",
+                PortSpec {
+                    parent_ip: ip("::1"),
+                    ..BASE
+                },
+            ),
+            (
+                "[::1]:8080:[::2]:80/udp",
+                PortSpec {
+                    proto: Proto::Udp,
+                    parent_ip: ip("::1"),
+                    child_ip: ip("::2"),
+                    ..BASE
+                },
+            ),
+        ];
+        for (text, want) in ok {
+            assert_eq!(text.parse::<PortSpec>(), Ok(want), "{text}");
+        }
+        for bad in ["bad", "127.0.0.1:8080:80/tcp,127.0.0.1:4040:40/tcp", "8080"] {
+            assert!(bad.parse::<PortSpec>().is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn parse_empty_and_bracketed_ips() {
+        for text in [":18091:80/tcp", "[]:18091:80/tcp"] {
+            let spec: PortSpec = text.parse().unwrap();
+            assert_eq!(spec.parent_ip, None, "{text}");
+        }
+        let spec: PortSpec = "[127.0.0.1]:8080:[::1]:80/tcp".parse().unwrap();
+        assert_eq!(
+            (spec.parent_ip, spec.child_ip),
+            (ip("127.0.0.1"), ip("::1"))
+        );
+        let spec: PortSpec = "[::ffff:127.0.0.1]:8080:80/tcp".parse().unwrap();
+        assert_eq!(spec.to_string(), "[::ffff:127.0.0.1]:8080:80/tcp");
+    }
+
+    /// Case C09 and cli.md §3.3: every message names the field and shows the value.
+    #[test]
+    fn parse_errors_name_the_field() {
+        let cases = [
+            ("127.0.0.1:8080:80", "missing /PROTO"),
+            ("127.0.0.1:8080:80/TCP", "unknown proto: \"TCP\""),
+            ("127.0.0.1:8080:80/foo", "unknown proto: \"foo\""),
+            ("127.0.0.1:8080:80/", "unknown proto: \"\""),
+            ("8080:80/tcp", "write :8080:80/tcp"),
+            ("999.0.0.1:18009:80/tcp", "invalid ParentIP: \"999.0.0.1\""),
+            ("localhost:18009:80/tcp", "invalid ParentIP: \"localhost\""),
+            (
+                "127.0.0.1:18009:not-an-ip:80/tcp",
+                "invalid ChildIP: \"not-an-ip\"",
+            ),
+            ("127.0.0.1:8080:zz:80/tcp", "invalid ChildIP: \"zz\""),
+            ("127.0.0.1:0:80/tcp", "invalid ParentPort: 0 "),
+            ("127.0.0.1:00:80/tcp", "invalid ParentPort: 0 "),
+            ("127.0.0.1:70000:80/tcp", "invalid ParentPort: 70000 "),
+            ("127.0.0.1:18009:0/tcp", "invalid ChildPort: 0 "),
+            ("127.0.0.1:x:80/tcp", "invalid ParentPort: \"x\""),
+            ("127.0.0.1:8080:y/tcp", "invalid ChildPort: \"y\""),
+            ("127.0.0.1:+8080:80/tcp", "invalid ParentPort: \"+8080\""),
+            ("127.0.0.1: 8080:80/tcp", "invalid ParentPort: \" 8080\""),
+            ("::1:18094:80/tcp", "square brackets"),
+            ("1.2.3.4:5:6:7:8/tcp", "want [PARENT_IP]"),
+            ("/tcp", "want [PARENT_IP]"),
+            ("[::1:8080:80/tcp", "unclosed"),
+            ("[0.0.0.0]:8080:80/tcp6", "tcp6 cannot listen on 0.0.0.0"),
+            ("[::1]:8080:80/udp4", "udp4 cannot listen on ::1"),
+        ];
+        for (text, want) in cases {
+            let msg = text.parse::<PortSpec>().unwrap_err().to_string();
+            assert!(msg.contains(want), "{text}: {msg:?} lacks {want:?}");
+            assert!(
+                msg.contains(&format!("{text:?}")),
+                "{text}: {msg:?} lacks the spec"
+            );
+        }
+    }
+
+    /// Upstream's `TestValidatePortSpec` table (tests-upstream §1.2).
+    #[test]
+    fn validate_upstream_table() {
+        let existing = [
+            PortStatus {
+                id: 1,
+                spec: PortSpec {
+                    parent_port: 80,
+                    ..BASE
+                },
+            },
+            PortStatus {
+                id: 2,
+                spec: PortSpec {
+                    parent_ip: ip("10.10.10.10"),
+                    parent_port: 8080,
+                    child_port: 8080,
+                    ..BASE
+                },
+            },
+        ];
+        let base = ("tcp", "127.0.0.1", 1001_i64, "", 1001_i64);
+        let check = |(proto, pip, pport, cip, cport): (&str, &str, i64, &str, i64)| {
+            PortSpec::from_parts(proto, pip, pport, cip, cport)
+                .and_then(|spec| spec.validate_against(&existing))
+                .map_err(|e| e.to_string())
+        };
+        for proto in ["", "NaN", "TCP"] {
+            let err = check((proto, base.1, base.2, base.3, base.4)).unwrap_err();
+            assert!(err.contains("unknown proto"), "{proto}: {err}");
+        }
+        for proto in ["udp", "tcp", "sctp"] {
+            assert_eq!(
+                check((proto, base.1, base.2, base.3, base.4)),
+                Ok(()),
+                "{proto}"
+            );
+        }
+        let err = check(("tcp", "invalid", 1001, "", 1001)).unwrap_err();
+        assert!(err.contains("invalid ParentIP"), "{err}");
+        let err = check(("tcp", "127.0.0.1", 1001, "invalid", 1001)).unwrap_err();
+        assert!(err.contains("invalid ChildIP"), "{err}");
+        for port in [-200, 0, 1_000_000] {
+            let err = check(("tcp", "127.0.0.1", port, "", 1001)).unwrap_err();
+            assert!(
+                err.starts_with(&format!("invalid ParentPort: {port} ")),
+                "{err}"
+            );
+            let err = check(("tcp", "127.0.0.1", 1001, "", port)).unwrap_err();
+            assert!(
+                err.starts_with(&format!("invalid ChildPort: {port} ")),
+                "{err}"
+            );
+        }
+        for port in [20, 500, 1337, 65000] {
+            assert_eq!(check(("tcp", "127.0.0.1", port, "", 1001)), Ok(()));
+            assert_eq!(check(("tcp", "127.0.0.1", 1001, "", port)), Ok(()));
+        }
+        assert_eq!(check(("udp", "", 80, "", 80)), Ok(()));
+        assert_eq!(check(("tcp", "10.10.10.11", 8080, "", 8080)), Ok(()));
+        assert_eq!(check(("tcp", "10.10.10.10", 8081, "", 8080)), Ok(()));
+        assert_eq!(
+            check(("tcp", "", 80, "", 90)),
+            Err("conflict with ID 1".into())
+        );
+        assert_eq!(
+            check(("tcp", "10.10.10.10", 8080, "", 8080)),
+            Err("conflict with ID 2".into())
+        );
+    }
+
+    /// What upstream leaves to `bind()` is a conflict here; families that do not overlap are not.
+    #[test]
+    fn conflicts_by_overlapping_address() {
+        let one = |proto: Proto, pip: &str| PortStatus {
+            id: 7 as PortId,
+            spec: PortSpec {
+                proto,
+                parent_ip: if pip.is_empty() { None } else { ip(pip) },
+                ..BASE
+            },
+        };
+        let conflict = |a: PortStatus, proto: Proto, pip: &str| {
+            PortSpec {
+                proto,
+                parent_ip: if pip.is_empty() { None } else { ip(pip) },
+                ..BASE
+            }
+            .validate_against([&a])
+            .is_err()
+        };
+        assert!(conflict(one(Proto::Tcp, "0.0.0.0"), Proto::Tcp4, "0.0.0.0"));
+        assert!(conflict(one(Proto::Tcp, ""), Proto::Tcp, "0.0.0.0"));
+        assert!(conflict(
+            one(Proto::Tcp, "127.0.0.1"),
+            Proto::Tcp,
+            "::ffff:127.0.0.1"
+        ));
+        assert!(conflict(
+            one(Proto::Tcp4, "0.0.0.0"),
+            Proto::Tcp,
+            "127.0.0.1"
+        ));
+        assert!(conflict(one(Proto::Tcp, "::"), Proto::Tcp6, "::1"));
+        assert!(!conflict(one(Proto::Tcp4, "0.0.0.0"), Proto::Tcp6, "::"));
+        assert!(!conflict(
+            one(Proto::Tcp, "127.0.0.1"),
+            Proto::Tcp,
+            "127.0.0.2"
+        ));
+        assert!(!conflict(
+            one(Proto::Tcp, "127.0.0.1"),
+            Proto::Udp,
+            "127.0.0.1"
+        ));
+        assert!(!conflict(one(Proto::Tcp6, "::1"), Proto::Tcp4, "127.0.0.1"));
+    }
+
+    /// Go `net.Listen` semantics (cli.md §4.2).
+    #[test]
+    fn listen_addresses() {
+        let listen = |text: &str| {
+            let l = text.parse::<PortSpec>().unwrap().listen_addr().unwrap();
+            (l.addr.to_string(), l.v6only)
+        };
+        assert_eq!(listen(":8080:80/tcp"), ("[::]:8080".into(), false));
+        assert_eq!(listen("0.0.0.0:8080:80/udp"), ("[::]:8080".into(), false));
+        assert_eq!(listen("[::]:8080:80/tcp"), ("[::]:8080".into(), false));
+        assert_eq!(
+            listen("127.0.0.2:8080:80/tcp"),
+            ("127.0.0.2:8080".into(), false)
+        );
+        assert_eq!(listen("[::1]:8080:80/tcp"), ("[::1]:8080".into(), true));
+        assert_eq!(listen("[::]:8080:80/tcp4"), ("0.0.0.0:8080".into(), false));
+        assert_eq!(listen(":8080:80/tcp6"), ("[::]:8080".into(), true));
+        assert_eq!(
+            listen("[::ffff:127.0.0.1]:8080:80/tcp"),
+            ("127.0.0.1:8080".into(), false)
+        );
+    }
+
+    #[test]
+    fn json_keys_order_and_omission() {
+        let spec: PortSpec = "127.0.0.1:18082:10.0.2.100:82/udp".parse().unwrap();
+        assert_eq!(
+            serde_json::to_string(&spec).unwrap(),
+            r#"{"proto":"udp","parentIP":"127.0.0.1","parentPort":18082,"childPort":82,"childIP":"10.0.2.100"}"#
+        );
+        let spec: PortSpec = ":8080:80/tcp".parse().unwrap();
+        assert_eq!(
+            serde_json::to_string(&spec).unwrap(),
+            r#"{"proto":"tcp","parentPort":8080,"childPort":80}"#
+        );
+        let err = serde_json::from_str::<PortSpec>(
+            r#"{"proto":"tcp","parentPort":70000,"childPort":80}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("invalid ParentPort: 70000"), "{err}");
+    }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn any_ip() -> impl Strategy<Value = Option<IpAddr>> {
+            prop_oneof![
+                Just(None),
+                any::<[u8; 4]>().prop_map(|b| Some(IpAddr::from(b))),
+                any::<[u8; 16]>().prop_map(|b| Some(IpAddr::from(b))),
+            ]
+        }
+
+        fn any_spec() -> impl Strategy<Value = PortSpec> {
+            (
+                0..Proto::ALL.len(),
+                any_ip(),
+                1..=u16::MAX,
+                1..=u16::MAX,
+                any_ip(),
+            )
+                .prop_filter_map(
+                    "family pin must fit the parent IP",
+                    |(p, parent_ip, parent_port, child_port, child_ip)| {
+                        let spec = PortSpec {
+                            proto: Proto::ALL[p],
+                            parent_ip,
+                            parent_port,
+                            child_port,
+                            child_ip,
+                        };
+                        spec.validate().is_ok().then_some(spec)
+                    },
+                )
+        }
+
+        proptest! {
+            #[test]
+            fn format_then_parse_round_trips(spec in any_spec()) {
+                prop_assert_eq!(spec.to_string().parse::<PortSpec>(), Ok(spec));
+            }
+
+            #[test]
+            fn json_round_trips(spec in any_spec()) {
+                let json = serde_json::to_string(&spec).unwrap();
+                prop_assert_eq!(serde_json::from_str::<PortSpec>(&json).unwrap(), spec);
+            }
+
+            #[test]
+            fn parse_never_panics(text in "\\PC{0,40}") {
+                let _ = text.parse::<PortSpec>();
+            }
+        }
     }
 }

@@ -25,7 +25,11 @@ pub(super) fn all(driver: &dyn PortDriver, ns: &mut Namespace) {
         .copied()
         .filter(|p| p.transport() != Transport::Sctp)
         .collect();
-    assert!(!protos.is_empty(), "driver {} advertises no proto", info.driver);
+    assert!(
+        !protos.is_empty(),
+        "driver {} advertises no proto",
+        info.driver
+    );
 
     let mut child_port = 2000;
     for proto in &protos {
@@ -52,13 +56,13 @@ pub(super) fn all(driver: &dyn PortDriver, ns: &mut Namespace) {
 /// Publishes two ports of `proto` and exchanges data over both concurrently.
 fn two_ports_at_once(driver: &dyn PortDriver, proto: Proto, child_port: u16) {
     let specs = [child_port, child_port + 1].map(|c| spec_for(proto, c));
-    let statuses: Vec<PortStatus> = specs
-        .iter()
-        .map(|spec| add(driver, spec))
-        .collect();
+    let statuses: Vec<PortStatus> = specs.iter().map(|spec| add(driver, spec)).collect();
     let listed = list(driver);
     for status in &statuses {
-        assert!(listed.contains(status), "{status:?} missing from {listed:?}");
+        assert!(
+            listed.contains(status),
+            "{status:?} missing from {listed:?}"
+        );
     }
 
     std::thread::scope(|s| {
@@ -86,7 +90,10 @@ fn exchange(spec: &PortSpec, seed: usize) {
             let payload = pattern(64 * 1024 + seed, seed as u64);
             let echoed = tcp_round_trip(addr, &payload)
                 .unwrap_or_else(|e| panic!("tcp through {spec}: {e}"));
-            assert!(echoed == payload, "tcp through {spec}: echo differs from what was sent");
+            assert!(
+                echoed == payload,
+                "tcp through {spec}: echo differs from what was sent"
+            );
         }
         Transport::Udp => udp_round_trips(addr, spec, seed),
         Transport::Sctp => unreachable!("sctp is filtered out"),
@@ -131,7 +138,10 @@ fn udp_round_trips(addr: SocketAddr, spec: &PortSpec, seed: usize) {
             socket.recv(&mut buf).ok()
         });
         let n = got.unwrap_or_else(|| panic!("udp through {spec}: no echo of datagram {round}"));
-        assert!(buf[..n] == msg[..], "udp through {spec}: echo of {round} differs");
+        assert!(
+            buf[..n] == msg[..],
+            "udp through {spec}: echo of {round} differs"
+        );
     }
 }
 
@@ -142,8 +152,14 @@ fn big_transfer(driver: &dyn PortDriver, proto: Proto, child_port: u16) {
     let echoed = tcp_round_trip(host_addr(&spec), &payload)
         .unwrap_or_else(|e| panic!("64 MiB through {spec}: {e}"));
     assert_eq!(echoed.len(), payload.len(), "64 MiB through {spec}: length");
-    assert_eq!(checksum(&echoed), checksum(&payload), "64 MiB through {spec}: checksum");
-    driver.remove_port(status.id).expect("remove after transfer");
+    assert_eq!(
+        checksum(&echoed),
+        checksum(&payload),
+        "64 MiB through {spec}: checksum"
+    );
+    driver
+        .remove_port(status.id)
+        .expect("remove after transfer");
 }
 
 fn conflict_refused(driver: &dyn PortDriver, proto: Proto, child_port: u16) {
@@ -155,16 +171,26 @@ fn conflict_refused(driver: &dyn PortDriver, proto: Proto, child_port: u16) {
     };
     match driver.add_port(&again) {
         Err(PortError::Spec(SpecError::Conflict(id))) => assert_eq!(id, status.id),
-        other => panic!("conflicting {again}: want conflict with ID {}, got {other:?}", status.id),
+        other => panic!(
+            "conflicting {again}: want conflict with ID {}, got {other:?}",
+            status.id
+        ),
     }
     let message = driver.add_port(&again).map(|_| ()).unwrap_err().to_string();
     assert_eq!(message, format!("conflict with ID {}", status.id));
-    assert_eq!(list(driver), vec![status.clone()], "a refused add changed the list");
+    assert_eq!(
+        list(driver),
+        vec![status.clone()],
+        "a refused add changed the list"
+    );
 
     driver.remove_port(status.id).expect("remove");
     match driver.remove_port(status.id) {
         Err(PortError::UnknownId(id)) => assert_eq!(id, status.id),
-        other => panic!("second remove of {}: want unknown id, got {other:?}", status.id),
+        other => panic!(
+            "second remove of {}: want unknown id, got {other:?}",
+            status.id
+        ),
     }
 }
 

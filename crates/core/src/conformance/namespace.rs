@@ -44,10 +44,16 @@ impl Namespace {
         };
 
         let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.args(["--exact", entry, "--include-ignored", "--nocapture", "--test-threads=1"])
-            .env(ENV, "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        cmd.args([
+            "--exact",
+            entry,
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
         let setup = ChildSetup::new(control_peer.as_raw_fd(), driver_peer.as_ref())?;
         // SAFETY: the closure runs between fork and exec; `ChildSetup::apply` makes only
         // async-signal-safe system calls on buffers prepared before the fork.
@@ -100,7 +106,9 @@ impl Namespace {
     }
 
     fn request(&mut self, line: &str) -> io::Result<()> {
-        self.control.get_mut().write_all(format!("{line}\n").as_bytes())?;
+        self.control
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())?;
         let mut reply = String::new();
         self.control.read_line(&mut reply)?;
         match reply.trim_end().strip_prefix("err ") {
@@ -270,8 +278,13 @@ fn handle(line: &str) -> io::Result<()> {
 }
 
 fn run_inside(argv: &[String]) -> io::Result<()> {
-    let (prog, args) = argv.split_first().ok_or_else(|| io::Error::other("empty argv"))?;
-    let out = Command::new(prog).args(args).stdin(Stdio::null()).output()?;
+    let (prog, args) = argv
+        .split_first()
+        .ok_or_else(|| io::Error::other("empty argv"))?;
+    let out = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
     if !out.status.success() {
         return Err(io::Error::other(format!(
             "{argv:?}: {}: {}",
