@@ -21,10 +21,18 @@ pub struct Info {
     #[serde(rename = "childPID")]
     pub child_pid: i32,
     /// Absent with the host network.
-    #[serde(rename = "networkDriver", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "networkDriver",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub network_driver: Option<NetworkDriverInfo>,
     /// Absent with `--port-driver=none`.
-    #[serde(rename = "portDriver", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "portDriver",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub port_driver: Option<DriverInfo>,
 }
 
