@@ -26,6 +26,8 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "passt",
+    "nftables",
+    "iptables",
     "rootlesskit",
 ];
 
