@@ -32,6 +32,8 @@ pub(super) fn all(driver: &dyn PortDriver, ns: &mut Namespace) {
     );
 
     let mut child_port = 2000;
+    // The first TCP proto and the port of one of its echo servers, for the big transfer.
+    let mut tcp = None;
     for proto in &protos {
         eprintln!("conformance[{}]: {proto}", info.driver);
         child_port += 2;
@@ -40,12 +42,14 @@ pub(super) fn all(driver: &dyn PortDriver, ns: &mut Namespace) {
                 .unwrap_or_else(|e| panic!("echo server on {port}: {e}"));
         }
         two_ports_at_once(driver, *proto, child_port);
+        if proto.transport() == Transport::Tcp && tcp.is_none() {
+            tcp = Some((*proto, child_port + 1));
+        }
     }
 
-    let tcp = protos.iter().find(|p| p.transport() == Transport::Tcp);
-    if let Some(&proto) = tcp {
+    if let Some((proto, port)) = tcp {
         eprintln!("conformance[{}]: 64 MiB over {proto}", info.driver);
-        big_transfer(driver, proto, child_port - 1);
+        big_transfer(driver, proto, port);
     }
     let first = protos[0];
     eprintln!("conformance[{}]: conflicts with {first}", info.driver);
