@@ -1,1 +1,97 @@
-//! rkport builtin (placeholder until implemented).
+//! The `builtin` port driver: rkport's own TCP and UDP forwarder.
+//!
+//! The driver has two halves joined by one long-lived unix socketpair ([`channel()`]):
+//!
+//! - [`BuiltinDriver`], in the parent (the host's network namespace), binds the host ports,
+//!   accepts connections and copies their bytes;
+//! - [`helper::serve`], run by a thread or process inside the target network namespace, opens
+//!   a socket to the published port there for each connection and passes it back with
+//!   `SCM_RIGHTS`.
+//!
+//! Unlike RootlessKit's driver, which opens a new unix connection and exchanges JSON for every
+//! forwarded connection, requests here are small fixed-size records with ids, pipelined on the
+//! one channel ([`wire`]); the helper only starts a non-blocking connect and answers at once,
+//! and the parent's event loop waits for the handshake. Bytes move with splice(2) through a
+//! pipe per direction on one worker thread per CPU; listeners, the channel and UDP sessions
+//! live on one control thread. No thread is started per connection.
+//!
+//! The crate does not enter namespaces, start processes or speak the REST API: the launcher
+//! puts the helper inside the namespace and the API server calls the [`PortDriver`] methods.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use rkport_builtin::{channel, helper, BuiltinDriver};
+//! use rkport_core::{PortDriver, PortSpec};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (parent_end, helper_end) = channel()?;
+//! // In the real launcher `helper_end` goes to a process inside the network namespace;
+//! // a thread that has called setns(2) on that namespace works as well.
+//! let helper = std::thread::spawn(move || helper::serve(helper_end));
+//!
+//! let driver = BuiltinDriver::new(parent_end)?;
+//! let spec: PortSpec = "127.0.0.1:8080:80/tcp".parse()?;
+//! let status = driver.add_port(&spec)?;
+//! println!("published {} as id {}", status.spec, status.id);
+//!
+//! driver.remove_port(status.id)?;
+//! driver.shutdown(); // closes the channel: `serve` returns Ok(())
+//! helper.join().unwrap()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Limitations
+//!
+//! - Splicing into a socket whose peer has gone raises `SIGPIPE`; Rust programs ignore that
+//!   signal by default, and a host program that does not must ignore it before adding ports.
+//! - The server inside sees the helper's address (e.g. 127.0.0.1) as the client's, as with
+//!   RootlessKit 1.x; the source-IP-preserving mode of RootlessKit 3 is not implemented.
+//! - UDP is forwarded by the control thread alone, one datagram per system call.
+//! - A connect to an unreachable child IP lasts as long as the kernel's SYN retries (about two
+//!   minutes); the client's connection stays open, idle, until then.
+
+mod control;
+mod driver;
+pub mod helper;
+mod sys;
+pub mod wire;
+mod worker;
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use rkport_core::Proto;
+use socket2::{Domain, Socket, Type};
+
+pub use driver::{BuiltinDriver, DEFAULT_UDP_TIMEOUT};
+pub use rkport_core::PortDriver;
+
+/// The driver's name, as `--port-driver` and `info` spell it.
+pub const NAME: &str = "builtin";
+
+/// The protos this driver forwards, as `info` reports them.
+pub fn protos() -> Vec<Proto> {
+    vec![
+        Proto::Tcp,
+        Proto::Tcp4,
+        Proto::Tcp6,
+        Proto::Udp,
+        Proto::Udp4,
+        Proto::Udp6,
+    ]
+}
+
+/// Creates the helper channel: a connected `SOCK_SEQPACKET` unix socketpair, both ends
+/// close-on-exec, returned as (parent end, helper end).
+///
+/// Pass the parent end to [`BuiltinDriver::new`] and the helper end to [`helper::serve`]
+/// inside the namespace (clear close-on-exec first if it crosses an `exec`).
+///
+/// # Errors
+/// socketpair(2) failed.
+pub fn channel() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (parent, helper) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None)?;
+    Ok((parent.into(), helper.into()))
+}

@@ -1,0 +1,521 @@
+//! The control loop: one thread that owns the listeners, the helper channel and UDP sessions.
+//!
+//! It accepts TCP connections, asks the helper for a socket inside the namespace for each
+//! (pipelined requests on the single channel, matched by id), checks what comes back and hands
+//! each (client, inner socket) pair to a data-path worker, round robin. UDP ports are served
+//! here entirely ([`udp`]). Port additions and removals arrive as [`ControlCmd`]s from the
+//! driver; a removal is acknowledged only once the port's listener and pending connections are
+//! closed.
+
+mod udp;
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream, UdpSocket};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use rkport_core::PortId;
+use socket2::{Domain, Type};
+
+use crate::sys;
+use crate::wire::{Kind, Reply, Request, REQUEST_LEN};
+use crate::worker::{self, WorkerCmd, WorkerTx};
+
+const CHANNEL: Token = Token(0);
+const WAKER: Token = Token(1);
+/// How long a listener rests after a resource error on accept (EMFILE and the like).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(75);
+
+/// What the driver asks of the control loop.
+#[derive(Debug)]
+pub(crate) enum ControlCmd {
+    /// Serve a bound, listening TCP socket; connections go to `target` inside.
+    AddTcp {
+        id: PortId,
+        listener: TcpListener,
+        target: SocketAddr,
+    },
+    /// Serve a bound UDP socket; datagrams go to `target` inside.
+    AddUdp {
+        id: PortId,
+        socket: UdpSocket,
+        target: SocketAddr,
+    },
+    /// Close port `id` with its pending connections and sessions, then signal `done`.
+    Remove {
+        id: PortId,
+        done: SyncSender<()>,
+    },
+    SetUdpTimeout(Duration),
+    /// Close everything, the helper channel included, and end the thread.
+    Stop,
+}
+
+/// The sending side of the control loop's command queue.
+#[derive(Debug, Clone)]
+pub(crate) struct ControlTx {
+    tx: Sender<ControlCmd>,
+    waker: Arc<Waker>,
+}
+
+impl ControlTx {
+    /// Queues `cmd` and wakes the loop; false when the loop has stopped.
+    pub fn send(&self, cmd: ControlCmd) -> bool {
+        self.tx.send(cmd).is_ok() && self.waker.wake().is_ok()
+    }
+}
+
+/// Starts the control loop on `channel`, handing TCP connections to `workers`.
+pub(crate) fn spawn(
+    channel: OwnedFd,
+    workers: Vec<WorkerTx>,
+    udp_timeout: Duration,
+) -> io::Result<(ControlTx, JoinHandle<()>)> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    socket2::SockRef::from(&channel).set_nonblocking(true)?;
+    let both = Interest::READABLE | Interest::WRITABLE;
+    poll.registry()
+        .register(&mut SourceFd(&channel.as_raw_fd()), CHANNEL, both)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let control = Control {
+        poll,
+        _waker: waker.clone(),
+        rx,
+        channel: Some(channel),
+        outbox: VecDeque::new(),
+        workers,
+        next_worker: 0,
+        ports: HashMap::new(),
+        sources: HashMap::new(),
+        next_token: 2,
+        pending: HashMap::new(),
+        next_request: 1,
+        backoff: Vec::new(),
+        udp_timeout,
+        channel_retry: None,
+        buf: vec![0; 65536].into_boxed_slice(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("rkport-builtin-ctl".into())
+        .spawn(move || control.run())?;
+    Ok((ControlTx { tx, waker }, thread))
+}
+
+/// A published port as the control loop serves it.
+#[derive(Debug)]
+enum Port {
+    Tcp(TcpPort),
+    Udp(udp::UdpPort),
+}
+
+#[derive(Debug)]
+struct TcpPort {
+    listener: TcpListener,
+    token: Token,
+    target: SocketAddr,
+}
+
+/// What a registered token stands for.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Listener(PortId),
+    UdpHost(PortId),
+    UdpInner(PortId, SocketAddr),
+}
+
+/// A request sent to the helper and not yet answered.
+#[derive(Debug)]
+enum Pending {
+    Tcp {
+        port: PortId,
+        client: TcpStream,
+        target: SocketAddr,
+    },
+    Udp {
+        port: PortId,
+        client: SocketAddr,
+        target: SocketAddr,
+    },
+}
+
+impl Pending {
+    fn port(&self) -> PortId {
+        match self {
+            Pending::Tcp { port, .. } | Pending::Udp { port, .. } => *port,
+        }
+    }
+
+    /// The domain and type of the socket a valid reply must carry.
+    fn expected(&self) -> (Domain, Type) {
+        match self {
+            Pending::Tcp { target, .. } => (Domain::for_address(*target), Type::STREAM),
+            Pending::Udp { target, .. } => (Domain::for_address(*target), Type::DGRAM),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Control {
+    poll: Poll,
+    /// Kept here too: closing the eventfd while a wake-up is pending would lose it.
+    _waker: Arc<Waker>,
+    rx: Receiver<ControlCmd>,
+    /// The parent end of the helper channel; `None` once the helper has gone.
+    channel: Option<OwnedFd>,
+    /// Encoded requests the channel could not take yet.
+    outbox: VecDeque<[u8; REQUEST_LEN]>,
+    workers: Vec<WorkerTx>,
+    next_worker: usize,
+    ports: HashMap<PortId, Port>,
+    sources: HashMap<Token, Source>,
+    next_token: usize,
+    pending: HashMap<u64, Pending>,
+    next_request: u64,
+    /// Listeners resting after an accept error, with the time to resume.
+    backoff: Vec<(Instant, PortId)>,
+    udp_timeout: Duration,
+    /// When to try the channel again after a transient error (ENOBUFS, ENOMEM).
+    channel_retry: Option<Instant>,
+    buf: Box<[u8]>,
+}
+
+impl Control {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let timeout = self
+                .next_deadline()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::debug!(error = %e, "control poll failed, stopping the forwarder");
+                return self.stop();
+            }
+
+            self.timers(Instant::now());
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => {
+                        if !self.commands() {
+                            return self.stop();
+                        }
+                    }
+                    CHANNEL => self.channel_ready(),
+                    token => self.source_ready(token),
+                }
+            }
+        }
+    }
+
+    /// The earliest timer: a listener to resume or a UDP sweep.
+    fn next_deadline(&self) -> Option<Instant> {
+        let resume = self.backoff.iter().map(|(t, _)| *t);
+        resume
+            .chain(self.next_sweep())
+            .chain(self.channel_retry)
+            .min()
+    }
+
+    fn timers(&mut self, now: Instant) {
+        let (due, rest) = std::mem::take(&mut self.backoff)
+            .into_iter()
+            .partition(|(t, _)| *t <= now);
+        self.backoff = rest;
+        for (_, id) in due {
+            self.resume_listener(id);
+        }
+        if self.channel_retry.is_some_and(|t| t <= now) {
+            self.channel_retry = None;
+            self.channel_ready();
+        }
+        self.sweep(now);
+    }
+
+    /// Applies queued commands; false when the loop must stop.
+    fn commands(&mut self) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(ControlCmd::AddTcp {
+                    id,
+                    listener,
+                    target,
+                }) => self.add_tcp(id, listener, target),
+                Ok(ControlCmd::AddUdp { id, socket, target }) => self.add_udp(id, socket, target),
+                Ok(ControlCmd::Remove { id, done }) => {
+                    self.remove(id);
+                    let _ = done.send(());
+                }
+                Ok(ControlCmd::SetUdpTimeout(t)) => self.udp_timeout = t,
+                Ok(ControlCmd::Stop) | Err(TryRecvError::Disconnected) => return false,
+                Err(TryRecvError::Empty) => return true,
+            }
+        }
+    }
+
+    fn token(&mut self, source: Source) -> Token {
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        self.sources.insert(token, source);
+        token
+    }
+
+    fn add_tcp(&mut self, id: PortId, mut listener: TcpListener, target: SocketAddr) {
+        let token = self.token(Source::Listener(id));
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut listener, token, Interest::READABLE)
+        {
+            // Retried by the backoff timer: the port stays listed and starts serving then.
+            tracing::debug!(port = id, error = %e, "cannot watch listener, retrying");
+            self.backoff.push((Instant::now() + ACCEPT_BACKOFF, id));
+        }
+        let port = TcpPort {
+            listener,
+            token,
+            target,
+        };
+        self.ports.insert(id, Port::Tcp(port));
+    }
+
+    /// Closes port `id`: its listener or host socket, pending dials and sessions.
+    fn remove(&mut self, id: PortId) {
+        match self.ports.remove(&id) {
+            Some(Port::Tcp(mut port)) => {
+                let _ = self.poll.registry().deregister(&mut port.listener);
+            }
+            Some(Port::Udp(port)) => self.close_udp(port),
+            None => {}
+        }
+        self.backoff.retain(|(_, p)| *p != id);
+        self.pending.retain(|_, p| p.port() != id);
+        self.sources.retain(|_, s| match s {
+            Source::Listener(p) | Source::UdpHost(p) | Source::UdpInner(p, _) => *p != id,
+        });
+    }
+
+    fn stop(mut self) {
+        let ids: Vec<PortId> = self.ports.keys().copied().collect();
+        for id in ids {
+            self.remove(id);
+        }
+        for worker in &self.workers {
+            worker.send(WorkerCmd::Stop);
+        }
+        // Dropping the channel tells the helper to return.
+    }
+
+    fn source_ready(&mut self, token: Token) {
+        match self.sources.get(&token).copied() {
+            Some(Source::Listener(id)) => self.accept(id),
+            Some(Source::UdpHost(id)) => self.udp_host_ready(id),
+            Some(Source::UdpInner(id, client)) => self.udp_inner_ready(id, client),
+            None => {}
+        }
+    }
+
+    /// Accepts every waiting connection of port `id` and asks the helper for its inner socket.
+    fn accept(&mut self, id: PortId) {
+        loop {
+            let Some(Port::Tcp(port)) = self.ports.get(&id) else {
+                return;
+            };
+            let target = port.target;
+            match port.listener.accept() {
+                Ok((client, _)) => self.dial_tcp(id, client, target),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return self.pause_listener(id, e),
+            }
+        }
+    }
+
+    /// Stops watching a listener for a while after an accept error.
+    ///
+    /// EMFILE, ENFILE, ENOBUFS, ENOMEM and ECONNABORTED pass; treating them as fatal is what
+    /// left published ports dead in rootlesskit#536. The port stays listed and resumes.
+    fn pause_listener(&mut self, id: PortId, error: io::Error) {
+        tracing::debug!(port = id, %error, "accept failed, pausing the listener");
+        if let Some(Port::Tcp(port)) = self.ports.get_mut(&id) {
+            let _ = self.poll.registry().deregister(&mut port.listener);
+            self.backoff.push((Instant::now() + ACCEPT_BACKOFF, id));
+        }
+    }
+
+    fn resume_listener(&mut self, id: PortId) {
+        let Some(Port::Tcp(port)) = self.ports.get_mut(&id) else {
+            return;
+        };
+        let registry = self.poll.registry();
+        let result = registry.register(&mut port.listener, port.token, Interest::READABLE);
+        if let Err(e) = result {
+            tracing::debug!(port = id, error = %e, "cannot watch listener, retrying");
+            self.backoff.push((Instant::now() + ACCEPT_BACKOFF, id));
+            return;
+        }
+        // Connections that queued meanwhile do not raise a new edge.
+        self.accept(id);
+    }
+
+    fn dial_tcp(&mut self, port: PortId, client: TcpStream, target: SocketAddr) {
+        let pending = Pending::Tcp {
+            port,
+            client,
+            target,
+        };
+        self.request(Kind::Tcp, target, pending);
+    }
+
+    /// Sends a request for a socket to `target` inside; `pending` waits for the reply.
+    fn request(&mut self, kind: Kind, target: SocketAddr, pending: Pending) {
+        if self.channel.is_none() {
+            tracing::debug!(port = pending.port(), "helper is gone, dropping connection");
+            return fail(pending);
+        }
+        let id = self.next_request;
+        self.next_request += 1;
+        self.pending.insert(id, pending);
+        self.outbox.push_back(Request { id, kind, target }.encode());
+        self.flush();
+    }
+
+    /// Writes queued requests until the channel would block.
+    fn flush(&mut self) {
+        while let Some(msg) = self.outbox.front() {
+            let Some(channel) = &self.channel else { return };
+            match sys::send_with_fd(channel.as_fd(), msg, None) {
+                Ok(()) => {
+                    self.outbox.pop_front();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => return self.channel_error(e),
+            }
+        }
+    }
+
+    fn channel_ready(&mut self) {
+        self.flush();
+        let mut buf = [0u8; 64];
+        while let Some(channel) = &self.channel {
+            match sys::recv_with_fds(channel.as_fd(), &mut buf) {
+                Ok(msg) if msg.len == 0 && msg.fds.is_empty() => {
+                    return self.lose_channel(io::ErrorKind::UnexpectedEof.into())
+                }
+                Ok(msg) => self.reply(&buf[..msg.len], msg.fds, msg.truncated),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => return self.channel_error(e),
+            }
+        }
+    }
+
+    /// Retries the channel a little later after a shortage of kernel memory; any other error
+    /// means the helper is gone.
+    fn channel_error(&mut self, error: io::Error) {
+        match error.raw_os_error() {
+            Some(libc::ENOBUFS | libc::ENOMEM) => {
+                tracing::debug!(%error, "helper channel busy, retrying");
+                self.channel_retry = Some(Instant::now() + ACCEPT_BACKOFF);
+            }
+            _ => self.lose_channel(error),
+        }
+    }
+
+    /// The helper is gone: every waiting connection fails, and so will new ones.
+    fn lose_channel(&mut self, error: io::Error) {
+        tracing::debug!(%error, "helper channel closed");
+        if let Some(channel) = self.channel.take() {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&channel.as_raw_fd()));
+        }
+        self.outbox.clear();
+        for (_, pending) in self.pending.drain() {
+            fail(pending);
+        }
+        self.drop_pending_sessions();
+    }
+
+    /// Checks one reply and completes its request.
+    ///
+    /// Anything that is not a well-formed reply to a pending request, with exactly one socket
+    /// of the requested domain and type on success, is dropped: the helper runs inside the
+    /// namespace, where the contained program may have tampered with it.
+    ///
+    /// A reply whose descriptor could not be installed (`MSG_CTRUNC`, e.g. at the descriptor
+    /// limit) fails its request, so that the client is closed rather than left waiting.
+    fn reply(&mut self, msg: &[u8], mut fds: Vec<OwnedFd>, truncated: bool) {
+        let Some(reply) = Reply::decode(msg) else {
+            return tracing::debug!(len = msg.len(), "malformed reply from helper");
+        };
+        let Some(pending) = self.pending.remove(&reply.id) else {
+            return tracing::debug!(id = reply.id, "reply to no pending request");
+        };
+        if truncated {
+            tracing::debug!(
+                id = reply.id,
+                port = pending.port(),
+                "reply truncated, socket lost"
+            );
+            return self.failed(pending);
+        }
+        if reply.errno != 0 {
+            let error = io::Error::from_raw_os_error(reply.errno);
+            tracing::debug!(id = reply.id, port = pending.port(), %error, "helper could not dial");
+            return self.failed(pending);
+        }
+
+        let (domain, ty) = pending.expected();
+        let fd = fds
+            .pop()
+            .filter(|fd| fds.is_empty() && sys::is_socket_of(fd.as_fd(), domain, ty));
+        match fd {
+            Some(fd) => self.complete(pending, fd),
+            None => {
+                tracing::debug!(id = reply.id, "reply without a usable socket");
+                self.failed(pending);
+            }
+        }
+    }
+
+    fn complete(&mut self, pending: Pending, inner: OwnedFd) {
+        match pending {
+            Pending::Tcp { port, client, .. } => {
+                let n = self.next_worker % self.workers.len();
+                self.next_worker = self.next_worker.wrapping_add(1);
+                self.workers[n].send(WorkerCmd::Conn {
+                    port,
+                    client,
+                    inner,
+                });
+            }
+            Pending::Udp { port, client, .. } => self.udp_connected(port, client, inner),
+        }
+    }
+
+    fn failed(&mut self, pending: Pending) {
+        if let Pending::Udp { port, client, .. } = pending {
+            self.udp_failed(port, client);
+        } else {
+            fail(pending);
+        }
+    }
+}
+
+/// Closes a TCP client whose inner socket cannot be had, with a reset (curl says 56 rather
+/// than 52): like a refused connection, as close as a forwarder that accepted first can get.
+fn fail(pending: Pending) {
+    if let Pending::Tcp { client, .. } = pending {
+        worker::reset(&client);
+    }
+}

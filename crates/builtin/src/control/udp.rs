@@ -1,0 +1,260 @@
+//! UDP forwarding, served by the control loop.
+//!
+//! One host socket per port; one session per client address, each with its own UDP socket
+//! connected to the target inside the namespace (asked of the helper on the client's first
+//! datagram, which waits in a short backlog meanwhile). Datagrams are forwarded one to one;
+//! replies go back from the host socket to the session's client. A session ends after
+//! `udp_timeout` without traffic in either direction, when its port is removed, or when the
+//! helper cannot open its socket (the next datagram tries again). `ECONNREFUSED` on an inner
+//! socket (ICMP port unreachable: nothing listens inside yet) is ignored, so the session keeps
+//! working once a server appears.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::{Interest, Token};
+use rkport_core::PortId;
+
+use super::{Control, Pending, Port, Source};
+use crate::wire::Kind;
+
+/// Datagrams kept per session while its inner socket is being opened.
+const BACKLOG_MAX: usize = 64;
+/// Longest time between two sweeps for idle sessions.
+const SWEEP_MAX: Duration = Duration::from_secs(1);
+/// Consecutive receive errors tolerated in one readiness round.
+const ERRORS_MAX: usize = 64;
+
+#[derive(Debug)]
+pub(super) struct UdpPort {
+    socket: UdpSocket,
+    target: SocketAddr,
+    sessions: HashMap<SocketAddr, Session>,
+    sweep_at: Instant,
+}
+
+#[derive(Debug)]
+struct Session {
+    /// The connected socket inside and its token; `None` while the helper is asked.
+    inner: Option<(UdpSocket, Token)>,
+    backlog: Vec<Box<[u8]>>,
+    last: Instant,
+}
+
+impl Control {
+    pub(super) fn add_udp(&mut self, id: PortId, mut socket: UdpSocket, target: SocketAddr) {
+        let token = self.token(Source::UdpHost(id));
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut socket, token, Interest::READABLE)
+        {
+            tracing::debug!(port = id, error = %e, "cannot watch UDP socket");
+        }
+        let port = UdpPort {
+            socket,
+            target,
+            sessions: HashMap::new(),
+            sweep_at: Instant::now(),
+        };
+        self.ports.insert(id, Port::Udp(port));
+    }
+
+    pub(super) fn close_udp(&mut self, mut port: UdpPort) {
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut port.socket);
+        for (_, session) in port.sessions.drain() {
+            if let Some((mut inner, _)) = session.inner {
+                let _ = registry.deregister(&mut inner);
+            }
+        }
+    }
+
+    /// When the next idle sweep is due, if any session exists.
+    pub(super) fn next_sweep(&self) -> Option<Instant> {
+        self.ports
+            .values()
+            .filter_map(|p| match p {
+                Port::Udp(p) if !p.sessions.is_empty() => Some(p.sweep_at),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Ends the sessions idle for `udp_timeout` or more.
+    pub(super) fn sweep(&mut self, now: Instant) {
+        let timeout = self.udp_timeout;
+        let interval = (timeout / 2).clamp(Duration::from_millis(10), SWEEP_MAX);
+        let mut expired = Vec::new();
+        for (&id, port) in &mut self.ports {
+            let Port::Udp(port) = port else { continue };
+            if now < port.sweep_at {
+                continue;
+            }
+            port.sweep_at = now + interval;
+            let idle = port
+                .sessions
+                .iter()
+                .filter(|(_, s)| now - s.last >= timeout);
+            expired.extend(idle.map(|(client, _)| (id, *client)));
+        }
+        for (id, client) in expired {
+            tracing::trace!(port = id, %client, "UDP session idle, closing");
+            self.end_session(id, client);
+        }
+    }
+
+    fn end_session(&mut self, id: PortId, client: SocketAddr) {
+        let Some(Port::Udp(port)) = self.ports.get_mut(&id) else {
+            return;
+        };
+        let Some(session) = port.sessions.remove(&client) else {
+            return;
+        };
+        if let Some((mut inner, token)) = session.inner {
+            let _ = self.poll.registry().deregister(&mut inner);
+            self.sources.remove(&token);
+        }
+    }
+
+    /// Reads every waiting datagram of port `id`'s host socket and forwards it.
+    pub(super) fn udp_host_ready(&mut self, id: PortId) {
+        let mut errors = 0;
+        while errors < ERRORS_MAX {
+            let Some(Port::Udp(port)) = self.ports.get(&id) else {
+                return;
+            };
+            match port.socket.recv_from(&mut self.buf) {
+                Ok((n, client)) => self.udp_datagram(id, client, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::trace!(port = id, error = %e, "UDP receive failed");
+                    errors += 1;
+                }
+            }
+        }
+    }
+
+    /// Forwards `self.buf[..n]` from `client` through its session, opening one if needed.
+    fn udp_datagram(&mut self, id: PortId, client: SocketAddr, n: usize) {
+        let now = Instant::now();
+        let expired = match self.ports.get(&id) {
+            Some(Port::Udp(port)) => port
+                .sessions
+                .get(&client)
+                .is_some_and(|s| now - s.last >= self.udp_timeout),
+            _ => return,
+        };
+        if expired {
+            self.end_session(id, client);
+        }
+
+        let Some(Port::Udp(port)) = self.ports.get_mut(&id) else {
+            return;
+        };
+        let data = &self.buf[..n];
+        if let Some(session) = port.sessions.get_mut(&client) {
+            session.last = now;
+            match &session.inner {
+                // ECONNREFUSED from an earlier datagram and a full buffer both drop this one.
+                Some((inner, _)) => drop(inner.send(data)),
+                None if session.backlog.len() < BACKLOG_MAX => session.backlog.push(data.into()),
+                None => {}
+            }
+            return;
+        }
+
+        let session = Session {
+            inner: None,
+            backlog: vec![data.into()],
+            last: now,
+        };
+        port.sessions.insert(client, session);
+        let target = port.target;
+        let pending = Pending::Udp {
+            port: id,
+            client,
+            target,
+        };
+        self.request(Kind::Udp, target, pending);
+    }
+
+    /// Sends every reply waiting on `client`'s inner socket back to the client.
+    pub(super) fn udp_inner_ready(&mut self, id: PortId, client: SocketAddr) {
+        let mut errors = 0;
+        while errors < ERRORS_MAX {
+            let Some(Port::Udp(port)) = self.ports.get_mut(&id) else {
+                return;
+            };
+            let Some(session) = port.sessions.get_mut(&client) else {
+                return;
+            };
+            let Some((inner, _)) = &session.inner else {
+                return;
+            };
+            match inner.recv(&mut self.buf) {
+                Ok(n) => {
+                    session.last = Instant::now();
+                    // A full host socket drops the reply, as the network would.
+                    let _ = port.socket.send_to(&self.buf[..n], client);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(e) => {
+                    tracing::trace!(port = id, %client, error = %e, "UDP receive inside failed");
+                    errors += 1;
+                }
+            }
+        }
+    }
+
+    /// Puts the helper's socket to work for `client`'s session and sends its backlog.
+    pub(super) fn udp_connected(&mut self, id: PortId, client: SocketAddr, fd: OwnedFd) {
+        let sock = std::net::UdpSocket::from(fd);
+        if let Err(e) = sock.set_nonblocking(true) {
+            tracing::debug!(port = id, %client, error = %e, "cannot use the inner UDP socket");
+            return self.end_session(id, client);
+        }
+        let mut sock = UdpSocket::from_std(sock);
+        let token = self.token(Source::UdpInner(id, client));
+        let Some(Port::Udp(port)) = self.ports.get_mut(&id) else {
+            self.sources.remove(&token);
+            return;
+        };
+        let Some(session) = port.sessions.get_mut(&client).filter(|s| s.inner.is_none()) else {
+            self.sources.remove(&token);
+            return;
+        };
+
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut sock, token, Interest::READABLE)
+        {
+            tracing::debug!(port = id, %client, error = %e, "cannot watch the inner UDP socket");
+            self.sources.remove(&token);
+            return self.end_session(id, client);
+        }
+        for datagram in session.backlog.drain(..) {
+            let _ = sock.send(&datagram);
+        }
+        session.inner = Some((sock, token));
+    }
+
+    pub(super) fn udp_failed(&mut self, id: PortId, client: SocketAddr) {
+        self.end_session(id, client);
+    }
+
+    /// Forgets the sessions still waiting for the helper (it has gone).
+    pub(super) fn drop_pending_sessions(&mut self) {
+        for port in self.ports.values_mut() {
+            if let Port::Udp(port) = port {
+                port.sessions.retain(|_, s| s.inner.is_some());
+            }
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The namespace side: opens sockets inside the network namespace on the parent's request.
+//!
+//! [`serve`] reads [`Request`]s from the channel, creates each socket in the namespace it runs
+//! in, starts its connect and passes it back at once with `SCM_RIGHTS`, then closes its own copy
+//! (no descriptor growth however many connections are forwarded, rootlesskit#156). It never
+//! waits for a TCP handshake: the parent does, in its event loop, so one slow or refused target
+//! delays no other request. It copies no data.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+
+use socket2::{Domain, Socket, Type};
+
+use crate::sys;
+use crate::wire::{request_id, Kind, Reply, Request};
+
+/// Runs the namespace side on `channel` until the parent end closes.
+///
+/// Blocks the calling thread, which must be inside the target network namespace. Requests are
+/// answered in order; a malformed one is answered with `EINVAL` when its id can be read and
+/// skipped otherwise.
+///
+/// # Errors
+/// A failure to receive from or send on the channel other than the parent going away; on a
+/// clean end of file (the parent dropped or shut down its driver) this returns `Ok(())`.
+pub fn serve(channel: OwnedFd) -> io::Result<()> {
+    let channel = Socket::from(channel);
+    channel.set_nonblocking(false)?;
+    let mut buf = [0u8; 64];
+    loop {
+        let msg = match sys::recv_with_fds(channel.as_fd(), &mut buf) {
+            Ok(msg) => msg,
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if msg.len == 0 && msg.fds.is_empty() {
+            tracing::debug!("helper channel closed by the parent");
+            return Ok(());
+        }
+        // The parent never sends descriptors; any that came are closed here.
+        drop(msg.fds);
+
+        let reply = answer(&buf[..msg.len], msg.truncated);
+        let Some((reply, fd)) = reply else { continue };
+        match sys::send_with_fd(
+            channel.as_fd(),
+            &reply.encode(),
+            fd.as_ref().map(|fd| fd.as_fd()),
+        ) {
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => {
+                return Ok(())
+            }
+            Err(e) => return Err(e),
+        }
+        // `fd` drops here: the parent holds the only copy from now on.
+    }
+}
+
+/// Handles one message: the reply to send and the descriptor to attach, or nothing for a
+/// message too short to carry an id.
+fn answer(msg: &[u8], truncated: bool) -> Option<(Reply, Option<OwnedFd>)> {
+    let req = if truncated {
+        None
+    } else {
+        Request::decode(msg)
+    };
+    let Some(req) = req else {
+        let id = request_id(msg)?;
+        tracing::debug!(id, len = msg.len(), "malformed request from the parent");
+        return Some((
+            Reply {
+                id,
+                errno: libc::EINVAL,
+            },
+            None,
+        ));
+    };
+
+    match open(&req) {
+        Ok(fd) => Some((
+            Reply {
+                id: req.id,
+                errno: 0,
+            },
+            Some(fd),
+        )),
+        Err(e) => {
+            tracing::debug!(id = req.id, target = %req.target, error = %e, "cannot open socket inside");
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            Some((Reply { id: req.id, errno }, None))
+        }
+    }
+}
+
+/// Creates the requested socket: TCP with its connect in progress, UDP connected.
+fn open(req: &Request) -> io::Result<OwnedFd> {
+    let domain = Domain::for_address(req.target);
+    let ty = match req.kind {
+        Kind::Tcp => Type::STREAM,
+        Kind::Udp => Type::DGRAM,
+    };
+    let sock = Socket::new(domain, ty.nonblocking(), None)?;
+    match sock.connect(&req.target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(sock.into())
+}

@@ -1,0 +1,180 @@
+//! The system calls the driver needs that the safe wrappers leave awkward: descriptor passing,
+//! splice through pipes, socket identification and the descriptor limit.
+//!
+//! Every `unsafe` block of the crate lives here.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use nix::sys::socket::{getsockopt, sendmsg, sockopt, ControlMessage, MsgFlags};
+use socket2::{Domain, SockRef, Type};
+
+/// The most descriptors accepted with one message; more are closed and the message refused.
+const MAX_FDS: usize = 4;
+
+/// Sends `data` on `sock`, with `fd` attached as `SCM_RIGHTS` when given.
+///
+/// `MSG_NOSIGNAL` turns a vanished peer into `EPIPE` instead of `SIGPIPE`.
+pub fn send_with_fd(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let fds: Vec<RawFd> = fd.iter().map(|fd| fd.as_raw_fd()).collect();
+    let cmsgs: &[ControlMessage] = if fds.is_empty() {
+        &[]
+    } else {
+        &[ControlMessage::ScmRights(&fds)]
+    };
+    let iov = [IoSlice::new(data)];
+    loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// One message received by [`recv_with_fds`].
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes of the message; 0 with no descriptors means end of file.
+    pub len: usize,
+    /// Descriptors that came with it, already owned (and close-on-exec).
+    pub fds: Vec<OwnedFd>,
+    /// The message or its control data did not fit and was cut.
+    pub truncated: bool,
+}
+
+/// Receives one message into `buf`, taking ownership of any descriptors attached to it.
+///
+/// Written against libc rather than nix because nix refuses to walk the control data of a
+/// message flagged `MSG_CTRUNC`, which is exactly when it matters: at the descriptor limit the
+/// kernel installs none or only some of the descriptors, and any it did install must still be
+/// found and closed.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    // Room for MAX_FDS descriptors plus headers; u64 gives cmsghdr its alignment.
+    let mut control = [0u64; 2 + MAX_FDS];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; all zeroes is a valid empty header.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = control.as_mut_ptr().cast();
+    hdr.msg_controllen = std::mem::size_of_val(&control) as _;
+
+    let len = loop {
+        // SAFETY: `hdr` points at `iov` (into `buf`) and `control`, both live and writable for
+        // the lengths given.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+
+    let truncated = hdr.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0;
+    Ok(Received {
+        len,
+        fds: take_fds(&hdr),
+        truncated,
+    })
+}
+
+/// Takes ownership of the descriptors in the `SCM_RIGHTS` messages of a received header.
+fn take_fds(hdr: &libc::msghdr) -> Vec<OwnedFd> {
+    let mut fds = Vec::new();
+    // SAFETY: the kernel set `msg_controllen` to the bytes of complete control messages it
+    // wrote into our buffer; CMSG_FIRSTHDR/CMSG_NXTHDR stay within that length.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(hdr) };
+    while !c.is_null() {
+        // SAFETY: `c` is a complete header inside the control buffer (see above).
+        let (level, ty, len) = unsafe { ((*c).cmsg_level, (*c).cmsg_type, (*c).cmsg_len as usize) };
+        if level == libc::SOL_SOCKET && ty == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN only computes a length.
+            let header = unsafe { libc::CMSG_LEN(0) } as usize;
+            let count = len.saturating_sub(header) / std::mem::size_of::<RawFd>();
+            // SAFETY: the message holds `count` descriptors after its header.
+            let data = unsafe { libc::CMSG_DATA(c) }.cast::<RawFd>();
+            for i in 0..count {
+                // SAFETY: `i < count`, within the message; the data may be unaligned.
+                let fd = unsafe { data.add(i).read_unaligned() };
+                // SAFETY: the kernel has just installed this descriptor in this process for
+                // this message; nothing else knows of it, so taking ownership is sound.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        c = unsafe { libc::CMSG_NXTHDR(hdr, c) };
+    }
+    fds
+}
+
+/// Whether `fd` is a socket of `domain` and `ty` (`SO_DOMAIN`, `SO_TYPE`) that is not
+/// listening (`SO_ACCEPTCONN`).
+pub fn is_socket_of(fd: BorrowedFd<'_>, domain: Domain, ty: Type) -> bool {
+    let sock = SockRef::from(&fd);
+    let kind = matches!((sock.domain(), sock.r#type()), (Ok(d), Ok(t)) if d == domain && t == ty);
+    kind && matches!(getsockopt(&fd, sockopt::AcceptConn), Ok(false))
+}
+
+/// A pipe for splice, both ends non-blocking and close-on-exec.
+#[derive(Debug)]
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+}
+
+impl Pipe {
+    /// Creates a pipe of the default size (64 KiB on Linux).
+    pub fn new() -> io::Result<Pipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        Ok(Pipe { read, write })
+    }
+
+    /// Asks for `size` bytes of capacity; a refusal (`EPERM` past `/proc/sys/fs/pipe-max-size`
+    /// or the per-user pipe budget, `/proc/sys/fs/pipe-user-pages-soft`) keeps the old size.
+    pub fn grow(&self, size: usize) {
+        let size = i32::try_from(size).unwrap_or(i32::MAX);
+        if let Err(e) = nix::fcntl::fcntl(&self.write, FcntlArg::F_SETPIPE_SZ(size)) {
+            tracing::trace!(error = %e, size, "F_SETPIPE_SZ refused, keeping the pipe size");
+        }
+    }
+}
+
+/// Moves up to `len` bytes from `from` to `to` without copying to user space; one of them must
+/// be a pipe. Returns 0 at end of file of `from`.
+pub fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        match nix::fcntl::splice(&from, None, &to, None, len, flags) {
+            Ok(n) => return Ok(n),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: every forwarded TCP connection holds
+/// two sockets and up to four pipe ends.
+pub fn raise_nofile_limit() {
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!(error = %e, soft, hard, "cannot raise RLIMIT_NOFILE");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "cannot read RLIMIT_NOFILE"),
+    }
+}
