@@ -37,8 +37,8 @@ impl Namespace {
     pub(crate) fn spawn(entry: &str, with_side: bool) -> io::Result<Namespace> {
         let (control, control_peer) = UnixStream::pair()?;
         let (driver_channel, driver_peer) = if with_side {
-            let (a, b) = UnixStream::pair()?;
-            (Some(OwnedFd::from(a)), Some(OwnedFd::from(b)))
+            let (a, b) = seqpacket_pair()?;
+            (Some(a), Some(b))
         } else {
             (None, None)
         };
@@ -76,7 +76,8 @@ impl Namespace {
         self.child.id() as i32
     }
 
-    /// The parent end of the driver channel whose other end the namespace side serves.
+    /// The parent end of the driver channel (a `SOCK_SEQPACKET` socketpair) whose other end the
+    /// namespace side serves.
     ///
     /// # Panics
     /// When the suite was declared without a namespace side, or the channel was taken.
@@ -180,6 +181,18 @@ impl ChildSetup {
         write_file(&self.paths[1], &self.uid_map)?;
         write_file(&self.paths[2], &self.gid_map)
     }
+}
+
+/// The driver channel: a connected `SOCK_SEQPACKET` pair, which keeps message boundaries.
+fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(io::Error::from)
 }
 
 /// Makes `fd` available as `target` across exec.
