@@ -1,1 +1,5 @@
 //! CLI
+
+pub mod kit;
+
+pub mod ctl;
