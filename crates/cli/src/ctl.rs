@@ -24,7 +24,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context as _};
-use clap::error::ErrorKind;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser, Subcommand};
 use rkport_api::{Client, Info};
 use rkport_core::{PortDriver, PortId, PortSpec, PortStatus};
@@ -141,10 +141,7 @@ pub fn run_ctl(
         return 0;
     }
     if cli.debug {
-        let _ = tracing_subscriber::fmt()
-            .with_max_level(tracing_subscriber::filter::LevelFilter::DEBUG)
-            .with_writer(io::stderr)
-            .try_init();
+        init_debug_logging();
     }
     let Some(command) = cli.command else {
         let _ = write!(out, "{}", Cli::command().render_long_help());
@@ -162,10 +159,26 @@ pub fn run_ctl(
             1
         }
         Err(e) => {
-            let _ = writeln!(err, "error: {e:#}");
+            let _ = writeln!(err, "error: {}", crate::error_text(&e));
             1
         }
     }
+}
+
+/// The clap definition of `rootlessctl` (for help, man pages and completions).
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+/// `--debug`: logs to stderr, filtered by `RUST_LOG` when it is set, else at debug level.
+fn init_debug_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("debug"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .without_time()
+        .try_init();
 }
 
 /// Prints help and version to `out` (exit 0), usage errors to `err` (exit 1).
@@ -175,6 +188,18 @@ fn clap_error(e: &clap::Error, out: &mut dyn Write, err: &mut dyn Write) -> i32 
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
             let _ = write!(out, "{rendered}");
             0
+        }
+        ErrorKind::UnknownArgument => {
+            let flag = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(flag)) => flag.split('=').next().unwrap_or_default(),
+                _ => "",
+            };
+            let _ = writeln!(
+                err,
+                "error: flag provided but not defined: -{}",
+                flag.trim_start_matches('-')
+            );
+            1
         }
         _ => {
             let _ = write!(err, "{rendered}");
@@ -261,10 +286,11 @@ impl Target {
     }
 }
 
-/// `No such file or directory` rather than `No such file or directory (os error 2)`.
+/// `no such file or directory` rather than `No such file or directory (os error 2)`: the
+/// lowercase text Go prints for an errno, as upstream's `stat` error reads.
 fn os_error_text(e: &io::Error) -> String {
     match e.raw_os_error() {
-        Some(errno) => nix::errno::Errno::from_raw(errno).desc().to_owned(),
+        Some(errno) => nix::errno::Errno::from_raw(errno).desc().to_lowercase(),
         None => e.to_string(),
     }
 }
@@ -607,6 +633,26 @@ mod tests {
     }
 
     #[test]
+    fn clap_definition_is_consistent() {
+        command().debug_assert();
+    }
+
+    #[test]
+    fn unknown_flags_are_named_as_upstream_names_them() {
+        for args in [&["list-ports", "--bogus"][..], &["--bogus=1", "info"]] {
+            assert_eq!(
+                ctl(None, args),
+                (
+                    1,
+                    String::new(),
+                    "error: flag provided but not defined: -bogus\n".into()
+                ),
+                "{args:?}"
+            );
+        }
+    }
+
+    #[test]
     fn usage_errors_and_version() {
         assert_eq!(
             ctl(None, &["foo"]),
@@ -637,8 +683,8 @@ mod tests {
                 &["remove-ports", "1", "abc"],
                 "error: invalid ID \"abc\": invalid digit found in string (want a decimal integer)\n",
             ),
-            (&["list-ports"], "error: stat /nonexistent/api.sock: No such file or directory\n"),
-            (&["info", "extra"], "error: stat /nonexistent/api.sock: No such file or directory\n"),
+            (&["list-ports"], "error: stat /nonexistent/api.sock: no such file or directory\n"),
+            (&["info", "extra"], "error: stat /nonexistent/api.sock: no such file or directory\n"),
         ];
         for (args, want) in cases {
             assert_eq!(

@@ -27,8 +27,12 @@ const ERROR_PREFIX: &str = "[rootlesskit:parent] error:";
 const HOST_LOOPBACK_WARNING: &str = "specifying --disable-host-loopback is highly recommended to \
     prohibit connecting to 127.0.0.1:* on the host namespace (requires slirp4netns or VPNKit)";
 
-/// Default of `--lxc-user-nic-binary` in RootlessKit 1.1.0.
-const LXC_USER_NIC_BINARY: &str = "/usr/lib/x86_64-linux-gnu/lxc/lxc-user-nic";
+/// Default of `--lxc-user-nic-binary` in RootlessKit 1.1.0 as packaged (empty: `--help` shows
+/// no default and `--net=lxc-user-nic` then fails to exec `""`).
+const LXC_USER_NIC_BINARY: &str = "";
+
+/// The values of RootlessKit's three-state flags (`--reaper`, `--slirp4netns-sandbox`, ...).
+const TRI_STATE: &[&str] = &["auto", "true", "false"];
 
 /// Flags that take no value (Go booleans: `--flag` or `--flag=false`, never `--flag false`).
 const BOOL_FLAGS: &[&str] = &[
@@ -75,6 +79,14 @@ const VALUE_FLAGS: &[&str] = &[
     name = "rootlesskit",
     about = "Linux-native fakeroot using user namespaces, with RootlessKit-compatible port forwarding",
     override_usage = "rootlesskit [FLAGS] COMMAND [ARGS...]",
+    long_about = "Runs COMMAND as root of a new user namespace, with a new mount namespace and, \
+        unless --net=host, a new network namespace whose ports a port driver publishes on the \
+        host. The REST API of RootlessKit listens on STATE_DIR/api.sock (see rootlessctl(1)).\n\n\
+        Flags follow Go's syntax: -flag and --flag are the same, booleans take --flag=false, \
+        and flags end at the first argument that is not one.",
+    after_help = "Example: publish port 80 of a shell's network namespace on 127.0.0.1:8080\n  \
+        rootlesskit --net=slirp4netns --disable-host-loopback --port-driver=builtin \\\n    \
+        -p 127.0.0.1:8080:80/tcp sh",
     disable_version_flag = true,
     disable_help_flag = true
 )]
@@ -120,7 +132,12 @@ pub struct Cli {
     ipv6: Option<bool>,
 
     /// path of lxc-user-nic binary (not implemented)
-    #[arg(long, help_heading = "Network [lxc-user-nic]", default_value = LXC_USER_NIC_BINARY)]
+    #[arg(
+        long,
+        help_heading = "Network [lxc-user-nic]",
+        default_value = LXC_USER_NIC_BINARY,
+        hide_default_value = true
+    )]
     lxc_user_nic_binary: String,
     /// lxc-user-nic bridge name (not implemented)
     #[arg(
@@ -165,7 +182,7 @@ pub struct Cli {
     /// create an IPC namespace (not implemented)
     #[arg(long, help_heading = "Process", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     ipcns: Option<bool>,
-    /// enable process reaper [auto] (true and false are not implemented)
+    /// enable process reaper [auto, false] (true, which needs --pidns, is not implemented)
     #[arg(long, help_heading = "Process", default_value = "auto")]
     reaper: String,
     /// evacuate processes into the specified subgroup (not implemented)
@@ -179,6 +196,14 @@ pub struct Cli {
     /// source of subids [auto, static]
     #[arg(long, help_heading = "SubID", default_value = "auto")]
     subid_source: String,
+}
+
+/// The clap definition of `rootlesskit`'s flags (for help, man pages and completions).
+///
+/// The command line itself goes through [`split_args`] first: clap alone does not know Go's
+/// flag syntax.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 /// Splits Go-style `rootlesskit` arguments into clap-ready flags and the command.
@@ -237,6 +262,18 @@ fn refuse_unless(ok: bool, flag: &str, value: impl std::fmt::Display) -> anyhow:
     Ok(())
 }
 
+/// Checks that `value` is one of upstream's `known` values for `flag`, then that it is one of
+/// the `supported` ones.
+fn check_choice(flag: &str, value: &str, known: &[&str], supported: &[&str]) -> anyhow::Result<()> {
+    if !known.contains(&value) {
+        bail!(
+            "unknown value {value:?} for --{flag} (want one of {})",
+            known.join(", ")
+        );
+    }
+    refuse_unless(supported.contains(&value), flag, value)
+}
+
 impl Cli {
     fn check_unsupported(&self) -> anyhow::Result<()> {
         let yes = |flag: Option<bool>| flag.unwrap_or(false);
@@ -250,19 +287,24 @@ impl Cli {
         refuse_unless(!yes(self.cgroupns), "cgroupns", true)?;
         refuse_unless(!yes(self.utsns), "utsns", true)?;
         refuse_unless(!yes(self.ipcns), "ipcns", true)?;
-        refuse_unless(self.reaper == "auto", "reaper", &self.reaper)?;
+        // Without --pidns there is nothing to reap: "false" is what "auto" does then.
+        check_choice("reaper", &self.reaper, TRI_STATE, &["auto", "false"])?;
         refuse_unless(
             self.evacuate_cgroup2.is_empty(),
             "evacuate-cgroup2",
             &self.evacuate_cgroup2,
         )?;
-        let subid = matches!(self.subid_source.as_str(), "auto" | "static");
-        refuse_unless(subid, "subid-source", &self.subid_source)?;
+        check_choice(
+            "subid-source",
+            &self.subid_source,
+            &["auto", "dynamic", "static"],
+            &["auto", "static"],
+        )?;
         for (flag, value) in [
             ("slirp4netns-sandbox", &self.slirp4netns_sandbox),
             ("slirp4netns-seccomp", &self.slirp4netns_seccomp),
         ] {
-            refuse_unless(matches!(value.as_str(), "auto" | "false"), flag, value)?;
+            check_choice(flag, value, TRI_STATE, &["auto", "false"])?;
         }
         let lxc_binary = self.lxc_user_nic_binary == LXC_USER_NIC_BINARY;
         refuse_unless(lxc_binary, "lxc-user-nic-binary", &self.lxc_user_nic_binary)?;
@@ -344,22 +386,21 @@ pub fn main() -> ExitCode {
     match run(&args) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
         Err(err) => {
-            eprintln!("{ERROR_PREFIX} {err:#}");
+            eprintln!("{ERROR_PREFIX} {}", crate::error_text(&err));
             ExitCode::FAILURE
         }
     }
 }
 
 fn run(args: &[OsString]) -> anyhow::Result<i32> {
-    let (flags, command) = split_args(args)?;
+    let (flags, program) = split_args(args)?;
     let cli = match Cli::try_parse_from(std::iter::once(OsString::from("rootlesskit")).chain(flags))
     {
         Ok(cli) => cli,
         Err(err) => bail!("{}", first_line(&err.to_string())),
     };
     if cli.help == Some(true) {
-        let mut help = <Cli as clap::CommandFactory>::command();
-        help.print_help()?;
+        command().print_help()?;
         return Ok(0);
     }
     if cli.version == Some(true) {
@@ -367,7 +408,7 @@ fn run(args: &[OsString]) -> anyhow::Result<i32> {
         return Ok(0);
     }
     init_tracing(cli.debug == Some(true));
-    let config = cli.into_config(command)?;
+    let config = cli.into_config(program)?;
     warn_about(&config);
 
     let running = rkport_launcher::start(config.clone())?;
@@ -516,6 +557,61 @@ mod tests {
             "true",
         ]);
         assert!(config.is_ok());
+    }
+
+    #[test]
+    fn publish_repeats_in_every_spelling() {
+        let config = parse(&[
+            "-net=slirp4netns",
+            "-port-driver=builtin",
+            "-p",
+            "127.0.0.1:8080:80/tcp",
+            "-p=127.0.0.1:8081:81/udp",
+            "--publish",
+            "127.0.0.1:8082:82/tcp",
+            "-publish=127.0.0.1:8083:83/tcp",
+            "true",
+        ])
+        .unwrap();
+        let ports: Vec<u16> = config.publish.iter().map(|s| s.parent_port).collect();
+        assert_eq!(ports, [8080, 8081, 8082, 8083]);
+    }
+
+    #[test]
+    fn choices_are_checked_then_refused_by_name() {
+        assert!(parse(&["--reaper=false", "true"]).is_ok());
+        assert!(parse(&["--lxc-user-nic-binary=", "true"]).is_ok());
+        assert!(parse(&["-slirp4netns-seccomp=auto", "true"]).is_ok());
+        let err = parse(&["--reaper=maybe", "true"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "unknown value \"maybe\" for --reaper (want one of auto, true, false)"
+        );
+        let err = parse(&["--slirp4netns-seccomp=true", "true"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "--slirp4netns-seccomp=true is not supported by this implementation of rootlesskit"
+        );
+    }
+
+    #[test]
+    fn value_flag_needs_a_value() {
+        let err = split_args(&os(&["--net"])).unwrap_err();
+        assert_eq!(err.to_string(), "flag needs an argument: -net");
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        command().debug_assert();
+        for flag in BOOL_FLAGS.iter().chain(VALUE_FLAGS) {
+            let known = command().get_arguments().any(|arg| {
+                arg.get_long() == Some(flag)
+                    || arg.get_short().map(String::from).as_deref() == Some(flag)
+            });
+            assert!(known, "{flag} is split but clap does not know it");
+        }
     }
 
     #[test]
