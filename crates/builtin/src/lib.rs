@@ -20,20 +20,34 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! ```
+//! use std::io::{Read, Write};
+//! use std::net::{TcpListener, TcpStream};
+//!
 //! use rkport_builtin::{channel, helper, BuiltinDriver};
-//! use rkport_core::{PortDriver, PortSpec};
+//! use rkport_core::{PortDriver, PortSpec, Proto};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let (parent_end, helper_end) = channel()?;
-//! // In the real launcher `helper_end` goes to a process inside the network namespace;
-//! // a thread that has called setns(2) on that namespace works as well.
+//! // In the launcher `helper_end` goes to a process inside the network namespace. Here the
+//! // helper runs on a thread of this process, so "inside" is the host's own loopback.
 //! let helper = std::thread::spawn(move || helper::serve(helper_end));
-//!
 //! let driver = BuiltinDriver::new(parent_end)?;
-//! let spec: PortSpec = "127.0.0.1:8080:80/tcp".parse()?;
+//!
+//! // A server "inside", and a free host port to publish it on.
+//! let server = TcpListener::bind("127.0.0.1:0")?;
+//! let host_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+//! let spec: PortSpec =
+//!     format!("127.0.0.1:{host_port}:{}/tcp", server.local_addr()?.port()).parse()?;
+//! assert_eq!(spec.proto, Proto::Tcp);
 //! let status = driver.add_port(&spec)?;
-//! println!("published {} as id {}", status.spec, status.id);
+//!
+//! let mut client = TcpStream::connect(("127.0.0.1", host_port))?;
+//! client.write_all(b"ping")?;
+//! let (mut inside, _) = server.accept()?;
+//! let mut buf = [0; 4];
+//! inside.read_exact(&mut buf)?;
+//! assert_eq!(&buf, b"ping");
 //!
 //! driver.remove_port(status.id)?;
 //! driver.shutdown(); // closes the channel: `serve` returns Ok(())
