@@ -9,7 +9,7 @@
 //! ignored.
 
 use std::ffi::{OsStr, OsString};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -386,7 +386,10 @@ pub fn main() -> ExitCode {
     match run(&args) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
         Err(err) => {
-            eprintln!("{ERROR_PREFIX} {}", crate::error_text(&err));
+            // One write(2) for the whole line (`eprintln!` makes one per piece), so that the
+            // child's error, printed to the same stderr at the same time, cannot split it.
+            let line = format!("{ERROR_PREFIX} {}\n", crate::error_text(&err));
+            let _ = std::io::stderr().write_all(line.as_bytes());
             ExitCode::FAILURE
         }
     }

@@ -13,6 +13,7 @@
 //!    it and exit with its status (128+N when it is killed by signal N).
 
 use std::fs;
+use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command};
@@ -44,7 +45,11 @@ pub(crate) fn main() -> ! {
         Err(err) => {
             let message = format!("{err:#}");
             if channel.send(&ChildMsg::Failed(message.clone())).is_err() {
-                eprintln!("[rootlesskit:child ] error: {message}");
+                // One write(2) for the whole line (`eprintln!` makes one per piece): the
+                // parent may be printing its own error to the same stderr at this moment, and
+                // its exit kills this process (parent-death signal) between two writes.
+                let line = format!("[rootlesskit:child ] error: {message}\n");
+                let _ = std::io::stderr().write_all(line.as_bytes());
             }
             1
         }
