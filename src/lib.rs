@@ -278,3 +278,50 @@ fn body_of_200(response: Vec<u8>) -> io::Result<Vec<u8>> {
     }
     Ok(body.to_vec())
 }
+
+impl Kit {
+    /// Starts `command`, a rootlesskit invocation whose stdio and limits the caller has set
+    /// up (possibly behind a wrapper that execs it), as a guarded [`Kit`] on `state_dir`.
+    pub fn spawn_command(state_dir: &Path, mut command: Command) -> Kit {
+        let child = command.spawn().expect("start rootlesskit");
+        Kit {
+            child: Some(child),
+            state_dir: state_dir.to_owned(),
+        }
+    }
+
+    /// Waits for rootlesskit to exit on its own, at most ~20 s, and returns its output.
+    ///
+    /// # Panics
+    /// When it is still running then (it is killed when the `Kit` drops).
+    pub fn finish_bounded(&mut self) -> Output {
+        let status = retry(|| self.try_wait());
+        assert!(status.is_some(), "rootlesskit did not exit");
+        self.finish()
+    }
+}
+
+/// Runs `command` with its output captured, at most `limit`; kills it (by pid) past that.
+///
+/// # Panics
+/// When it could not start or was still running after `limit`.
+pub fn output_within(mut command: Command, limit: Duration) -> Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start process");
+    let pid = Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(limit) {
+        Ok(output) => output.expect("collect output"),
+        Err(_) => {
+            let _ = kill(pid, Signal::SIGKILL);
+            let output = rx.recv().ok().and_then(Result::ok);
+            let text = output.as_ref().map(describe).unwrap_or_default();
+            panic!("process {pid} still running after {limit:?}, killed: {text}");
+        }
+    }
+}
