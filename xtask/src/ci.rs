@@ -1,4 +1,5 @@
-//! `cargo xtask ci`: set up the machine (as root), lint, test as root and as an ordinary user.
+//! `cargo xtask ci`: set up the machine (as root), lint, test as root and as an ordinary user,
+//! then run each fuzz target briefly.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -13,6 +14,8 @@ use crate::util::{cargo, have, is_root, output, run as sh};
 pub const TEST_USER: &str = "rkport-test";
 /// Where that user's copy of the binaries and test executables goes.
 const USER_DIR: &str = "/tmp/rkport-ci-user";
+/// How long CI runs each fuzz target.
+const FUZZ_SECONDS: u64 = 30;
 /// Debian packages the tests use.
 const PACKAGES: &[&str] = &[
     "slirp4netns",
@@ -41,12 +44,21 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     if !args.iter().any(|a| a == "--no-lint") {
         sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
-        sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        sh(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     sh(cargo().args(["test", "--workspace"]))?;
+    crate::docs::run(&[])?;
     if root {
         test_as_user()?;
     }
+    crate::fuzz::run_for(FUZZ_SECONDS)?;
     eprintln!("ci: all jobs passed");
     Ok(())
 }
@@ -79,7 +91,10 @@ fn create_test_user() -> Result<()> {
     }
     for file in ["/etc/subuid", "/etc/subgid"] {
         let text = fs::read_to_string(file).unwrap_or_default();
-        if !text.lines().any(|l| l.starts_with(&format!("{TEST_USER}:"))) {
+        if !text
+            .lines()
+            .any(|l| l.starts_with(&format!("{TEST_USER}:")))
+        {
             let mut text = text;
             if !text.is_empty() && !text.ends_with('\n') {
                 text.push('\n');
@@ -108,7 +123,9 @@ fn test_as_user() -> Result<()> {
         fs::create_dir_all(d)?;
         fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
     }
-    sh(Command::new("chown").arg(format!("{TEST_USER}:")).arg(&runtime))?;
+    sh(Command::new("chown")
+        .arg(format!("{TEST_USER}:"))
+        .arg(&runtime))?;
     fs::set_permissions(&runtime, fs::Permissions::from_mode(0o700))?;
 
     let target = target_dir()?.join("debug");

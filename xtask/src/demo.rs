@@ -33,7 +33,14 @@ pub fn run() -> Result<()> {
         .arg("--port-driver=builtin")
         .arg(format!("--state-dir={}", state.display()))
         .arg(format!("--publish=127.0.0.1:{HOST_PORT}:8000/tcp"))
-        .args(["python3", "-m", "http.server", "8000", "--bind", "127.0.0.1"])
+        .args([
+            "python3",
+            "-m",
+            "http.server",
+            "8000",
+            "--bind",
+            "127.0.0.1",
+        ])
         .current_dir(&www)
         .spawn()
         .context("starting rootlesskit")?;
@@ -42,13 +49,19 @@ pub fn run() -> Result<()> {
     let _ = fs::remove_dir_all(&work);
     result?;
     let status = stopped?;
-    println!("rootlesskit exited ({status}); state dir removed: {}", !state.exists());
+    println!(
+        "rootlesskit exited ({status}); state dir removed: {}",
+        !state.exists()
+    );
     Ok(())
 }
 
 fn exercise(bin: &Path, state: &Path) -> Result<()> {
     let body = fetch_with_retry(Duration::from_secs(30))?;
-    println!("GET http://127.0.0.1:{HOST_PORT}/ from the host answered:\n  {}", body.trim());
+    println!(
+        "GET http://127.0.0.1:{HOST_PORT}/ from the host answered:\n  {}",
+        body.trim()
+    );
     if body != PAGE {
         bail!("unexpected page through the published port: {body:?}");
     }
@@ -56,7 +69,10 @@ fn exercise(bin: &Path, state: &Path) -> Result<()> {
         .arg(format!("--socket={}", state.join("api.sock").display()))
         .arg("list-ports")
         .output()?;
-    println!("rootlessctl list-ports:\n{}", String::from_utf8_lossy(&list.stdout));
+    println!(
+        "rootlessctl list-ports:\n{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
     Ok(())
 }
 

@@ -63,7 +63,6 @@ pub fn is_root() -> bool {
 
 /// Whether `prog` is found in PATH.
 pub fn have(prog: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(prog).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(prog).is_file()))
 }
