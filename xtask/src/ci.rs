@@ -53,6 +53,9 @@ pub fn run(args: &[String]) -> Result<()> {
             "warnings",
         ]))?;
     }
+    // The end-to-end tests start the built `rootlesskit` and `rootlessctl`; `cargo test` alone
+    // builds only their unit-test harnesses.
+    sh(cargo().args(["build", "--workspace", "--bins"]))?;
     sh(cargo().args(["test", "--workspace"]))?;
     crate::docs::run(&[])?;
     if root {
