@@ -57,6 +57,16 @@ pub fn run(args: &[String]) -> Result<()> {
     // builds only their unit-test harnesses.
     sh(cargo().args(["build", "--workspace", "--bins"]))?;
     sh(cargo().args(["test", "--workspace"]))?;
+    // Tests marked ignored because they need upstream's `rootlessctl`, which CI installs.
+    sh(cargo().args([
+        "test",
+        "-p",
+        "rkport-api",
+        "-p",
+        "rkport-cli",
+        "--",
+        "--ignored",
+    ]))?;
     crate::docs::run(&[])?;
     if root {
         test_as_user()?;
