@@ -15,6 +15,7 @@
 
 pub mod client;
 mod decode;
+mod gate;
 pub mod server;
 pub mod types;
 

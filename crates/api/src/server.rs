@@ -30,24 +30,36 @@
 //! # Access control
 //!
 //! The socket file is created with mode 0600 (set on the socket before `bind`, so it is never
-//! wider, whatever the umask) inside the 0700 state directory. That is the protection: only
-//! the owner (and root) can connect. The peer's uid is not checked with `SO_PEERCRED` because
-//! tiny_http accepts connections itself and does not hand out the socket.
+//! wider, whatever the umask) inside the 0700 state directory, so only the owner (and root)
+//! can connect. Behind that, a gate ([`crate::gate`]) accepts each connection itself and
+//! checks the peer's uid with `SO_PEERCRED`: a peer that is neither the server's effective uid
+//! nor root gets `403 Forbidden` with a `{"message":...}` body naming both uids, and is
+//! closed, even when the file mode or the directory has been loosened. Admitted connections are
+//! relayed to tiny_http, which listens on a socket that has no name (tiny_http accepts
+//! connections itself and never hands out the socket, so it cannot check peers).
 //!
 //! # Threads and limits
 //!
 //! tiny_http reads request heads on a thread per connection (bodies up to 1 KiB too). A
 //! dispatcher thread takes requests in arrival order; a body still on the socket is read on a
-//! thread of its own (at most [`MAX_IN_FLIGHT`] at once, more get 503), so a client that sends
-//! a large body slowly delays only its own request. One executor thread then handles the
-//! requests in order, which keeps pipelined requests in order as Go's server does.
+//! thread of its own (at most [`MAX_IN_FLIGHT`] at once, more get 503 from a refusing thread),
+//! so a client that sends a large body slowly delays only its own request. One executor thread
+//! then handles the requests in order, which keeps pipelined requests in order as Go's server
+//! does. Neither the dispatcher nor the executor ever answers a request whose body is still on
+//! the socket: tiny_http would read that body to discard it, blocking on a stalled client.
+//!
+//! tiny_http stops accepting for good at the first failed accept(2) (e.g. `EMFILE` while the
+//! port driver, which shares the process's descriptors, has used them all); the dispatcher then
+//! starts another tiny_http server on the same listening socket, so the API comes back once
+//! descriptors are free again.
 //!
 //! tiny_http sets no socket timeouts, so a client that stalls mid-body holds its reader thread
-//! until it disconnects; tiny_http also does not bound the length of a request head. Only the
-//! socket's owner can connect, so these are robustness limits, not an exposure.
+//! (and the gate's two relay threads) until it disconnects; tiny_http also does not bound the
+//! length of a request head. Only the socket's owner can connect, so these are robustness
+//! limits, not an exposure. [`ApiServer::shutdown`] closes every relayed connection.
 
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -63,6 +75,7 @@ use serde::Serialize;
 use tiny_http::{Header, Method, Request, Response, ResponseBox, StatusCode};
 
 use crate::decode::decode_port_spec;
+use crate::gate::{self, Gate};
 use crate::types::{ErrorBody, Info};
 
 /// The largest request body accepted, in bytes (a port spec is about 120).
@@ -107,19 +120,21 @@ pub struct ApiServer {
 }
 
 struct Running {
-    http: Arc<tiny_http::Server>,
-    /// A second handle on the listening socket, to stop tiny_http's accept loop.
-    listener: UnixListener,
-    dispatcher: JoinHandle<()>,
+    /// Kept until the tiny_http servers are dropped (see [`gate::Hidden`]).
+    _hidden: Arc<gate::Hidden>,
+    /// The gate on the public socket; `None` once shut down.
+    gate: Option<Gate>,
     /// The executor's queue, to stop it.
     jobs: Sender<Message>,
+    /// For restarting tiny_http from the gate.
+    queues: Queues,
     shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Running {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Running")
-            .field("listener", &self.listener)
+            .field("listener", &self.shared.listener)
             .finish()
     }
 }
@@ -132,6 +147,21 @@ struct Shared {
     stopped: RwLock<bool>,
     /// Threads reading a request body.
     readers: AtomicUsize,
+    /// A handle of ours on tiny_http's listening socket: to start another accept loop on it
+    /// ([`restart`]) and to stop them all.
+    listener: UnixListener,
+    /// Every tiny_http server started on `listener`, with its dispatcher thread.
+    servers: Mutex<Vec<Served>>,
+    /// What `/proc/self/fd/N` reads for a descriptor of `listener` (`socket:[INODE]`).
+    listener_link: PathBuf,
+}
+
+/// A tiny_http server, its dispatcher, and the descriptor its accept loop owns.
+struct Served {
+    http: Arc<tiny_http::Server>,
+    dispatcher: JoinHandle<()>,
+    /// tiny_http's own duplicate of the listening socket: closed when its accept loop ends.
+    accept_fd: RawFd,
 }
 
 impl ApiServer {
@@ -145,12 +175,23 @@ impl ApiServer {
     /// names the path. Nothing is left behind on failure.
     pub fn start(path: &Path, state: ApiState) -> io::Result<ApiServer> {
         remove_stale_socket(path)?;
-        let listener = bind_private(path)?;
+        let public = bind_private(path)?;
         let serve = || -> io::Result<Running> {
-            let keep = listener.try_clone()?;
-            let http =
-                tiny_http::Server::from_listener(listener, None).map_err(io::Error::other)?;
-            spawn_dispatcher(Arc::new(http), keep, state)
+            let (listener, hidden) = gate::hidden_listener(path.parent().unwrap_or(Path::new("")))?;
+            let hidden = Arc::new(hidden);
+            let mut running = spawn_threads(listener, hidden.clone(), state)?;
+            let check = {
+                let (shared, queues) = (running.shared.clone(), running.queues.clone());
+                Box::new(move || ensure_accepting(&shared, &queues))
+            };
+            match Gate::spawn(public, hidden, check) {
+                Ok(gate) => running.gate = Some(gate),
+                Err(e) => {
+                    running.stop();
+                    return Err(e);
+                }
+            }
+            Ok(running)
         };
         match serve() {
             Ok(running) => {
@@ -180,9 +221,8 @@ impl ApiServer {
     /// Waits for driver calls in progress; no driver call starts afterwards (requests already
     /// taken get 503). Idempotent.
     ///
-    /// Connections that clients keep alive are not closed: tiny_http keeps no handle on them
-    /// that could be shut down. A request sent on one afterwards gets no answer until the
-    /// client gives up or the process exits, which for rootlesskit follows right away.
+    /// Connections that clients keep alive are closed by the gate: their clients read end of
+    /// file after any answer already sent.
     pub fn shutdown(&self) {
         let running = self
             .running
@@ -200,21 +240,44 @@ impl ApiServer {
             .write()
             .unwrap_or_else(PoisonError::into_inner) = true;
 
-        // Remove the name first so that nobody new connects, then stop the accept loop:
-        // accept() on a shut-down listener fails with EINVAL and tiny_http's thread exits.
+        // Remove the name first so that nobody new connects, then stop the gate.
         if let Err(e) = std::fs::remove_file(&self.path) {
             tracing::debug!(path = %self.path.display(), error = %e, "cannot remove API socket");
         }
-        let _ = sock::shutdown(running.listener.as_raw_fd(), sock::Shutdown::Both);
+        running.stop();
+        tracing::debug!(path = %self.path.display(), "API server stopped");
+    }
+}
 
-        running.http.unblock();
-        if running.dispatcher.join().is_err() {
-            tracing::debug!("API dispatcher thread panicked");
+impl Running {
+    /// Stops the gate (closing relayed connections), tiny_http's accept loops and the
+    /// dispatchers; the executor ends after answering what is queued.
+    fn stop(mut self) {
+        *self
+            .shared
+            .stopped
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = true;
+        if let Some(gate) = self.gate.take() {
+            gate.shutdown();
+        }
+        // accept() on a shut-down listener fails with EINVAL and tiny_http's threads exit.
+        let _ = sock::shutdown(self.shared.listener.as_raw_fd(), sock::Shutdown::Both);
+
+        // No server is added once `stopped` is set (see `start_server`).
+        let servers = std::mem::take(&mut *lock(&self.shared.servers));
+        for served in &servers {
+            served.http.unblock();
+        }
+        for served in servers {
+            if served.dispatcher.join().is_err() {
+                tracing::debug!("API dispatcher thread panicked");
+            }
+            drop(served.http);
         }
         // The executor is not joined: it may be blocked writing to a client that does not
         // read. It answers what is queued with 503 and ends at this message.
-        let _ = running.jobs.send(Message::Stop);
-        tracing::debug!(path = %self.path.display(), "API server stopped");
+        let _ = self.jobs.send(Message::Stop);
     }
 }
 
@@ -283,15 +346,25 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
     Ok(UnixListener::from(fd))
 }
 
-fn spawn_dispatcher(
-    http: Arc<tiny_http::Server>,
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Starts the executor, the refusing thread and a tiny_http server with its dispatcher on
+/// `listener`.
+fn spawn_threads(
     listener: UnixListener,
+    hidden: Arc<gate::Hidden>,
     state: ApiState,
 ) -> io::Result<Running> {
+    let listener_link = fd_link(listener.as_raw_fd())?;
     let shared = Arc::new(Shared {
         state,
         stopped: RwLock::new(false),
         readers: AtomicUsize::new(0),
+        listener,
+        servers: Mutex::default(),
+        listener_link,
     });
     let (jobs, queue) = mpsc::channel();
     {
@@ -300,19 +373,103 @@ fn spawn_dispatcher(
             .name("api-execute".into())
             .spawn(move || execute(&queue, &shared))?;
     }
+    let (refusals, refused) = mpsc::channel::<Request>();
+    // Ends when the dispatchers (the only senders) have ended and the queue is answered.
+    thread::Builder::new()
+        .name("api-refuse".into())
+        .spawn(move || {
+            for request in refused {
+                let _ = request.respond(error_response(503, "too many concurrent API requests"));
+            }
+        })?;
+    let queues = Queues {
+        jobs: jobs.clone(),
+        refusals,
+    };
+    let running = Running {
+        _hidden: hidden,
+        gate: None,
+        jobs,
+        queues: queues.clone(),
+        shared,
+    };
+    if let Err(e) = start_server(&running.shared, &queues) {
+        running.stop();
+        return Err(e);
+    }
+    Ok(running)
+}
+
+/// Starts a tiny_http server on the shared listening socket, with a dispatcher thread.
+///
+/// # Errors
+/// Duplicating the socket or starting a thread failed.
+fn start_server(shared: &Arc<Shared>, queues: &Queues) -> io::Result<()> {
+    let listener = shared.listener.try_clone()?;
+    let accept_fd = listener.as_raw_fd();
+    let http =
+        Arc::new(tiny_http::Server::from_listener(listener, None).map_err(io::Error::other)?);
+    let mut servers = lock(&shared.servers);
+    if shared.is_stopped() {
+        // Its accept loop ends with the shut-down listener.
+        return Ok(());
+    }
     let dispatcher = {
-        let (http, shared, jobs) = (http.clone(), shared.clone(), jobs.clone());
+        let (http, shared, queues) = (http.clone(), shared.clone(), queues.clone());
         thread::Builder::new()
             .name("api-dispatch".into())
-            .spawn(move || dispatch(&http, &shared, &jobs))?
+            .spawn(move || dispatch(&http, &shared, &queues))?
     };
-    Ok(Running {
+    servers.push(Served {
         http,
-        listener,
         dispatcher,
-        jobs,
-        shared,
-    })
+        accept_fd,
+    });
+    Ok(())
+}
+
+/// What `/proc/self/fd/FD` links to.
+fn fd_link(fd: RawFd) -> io::Result<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+}
+
+/// Restarts tiny_http if the accept loop of the latest server has ended; called by the gate
+/// before it hands over a connection.
+///
+/// tiny_http's accept thread can also end by panicking (on `EMFILE` while duplicating an
+/// accepted socket), which reports nothing to the dispatcher. Its end shows in its descriptor,
+/// a duplicate of the listening socket that it owns: once that number no longer refers to the
+/// listening socket, the loop is gone. Connections already waiting on the socket are taken by
+/// the new server.
+fn ensure_accepting(shared: &Arc<Shared>, queues: &Queues) {
+    let alive = {
+        let servers = lock(&shared.servers);
+        let latest = servers.last().map(|s| s.accept_fd);
+        latest.is_none_or(|fd| fd_link(fd).is_ok_and(|link| link == shared.listener_link))
+    };
+    if !alive {
+        tracing::debug!("API accept loop is gone, starting another");
+        restart(shared, queues);
+    }
+}
+
+/// Starts another tiny_http server after the accept loop of one has ended.
+///
+/// tiny_http's accept loop ends for good at the first failed accept(2), e.g. `EMFILE` when the
+/// process (whose descriptors the port driver shares) has run out: the API would then stay
+/// dead after the shortage. The socket is still listening, so a new server on it takes over;
+/// the old one keeps serving the connections it had accepted. Retried every 50 ms until it
+/// works or the server stops.
+fn restart(shared: &Arc<Shared>, queues: &Queues) {
+    while !shared.is_stopped() {
+        match start_server(shared, queues) {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot restart the API accept loop, retrying");
+                thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
 }
 
 /// A request with its body read (or the answer reading it calls for).
@@ -330,20 +487,23 @@ enum Message {
 ///
 /// A body tiny_http already holds in memory is taken here; one still on the socket is read on
 /// a thread of its own, so that a slow sender delays only its own request.
-fn dispatch(http: &tiny_http::Server, shared: &Arc<Shared>, jobs: &Sender<Message>) {
+fn dispatch(http: &tiny_http::Server, shared: &Arc<Shared>, queues: &Queues) {
     loop {
         match http.recv() {
             Ok(mut request) if body_is_buffered(&request) => {
                 let body = read_body(&mut request);
-                let _ = jobs.send(Message::Job(Box::new(Job { request, body })));
+                let _ = queues
+                    .jobs
+                    .send(Message::Job(Box::new(Job { request, body })));
             }
-            Ok(request) => spawn_reader(request, shared, jobs),
+            Ok(request) => spawn_reader(request, shared, queues),
             Err(e) => {
                 if shared.is_stopped() {
                     return;
                 }
                 // tiny_http reports a failed accept() here and stops accepting.
-                tracing::debug!(error = %e, "API server stopped accepting connections");
+                tracing::debug!(error = %e, "API accept loop ended, starting another");
+                restart(shared, queues);
             }
         }
     }
@@ -360,20 +520,38 @@ fn body_is_buffered(request: &Request) -> bool {
     !streamed && request.body_length().is_none_or(|len| len <= 1024)
 }
 
-fn spawn_reader(request: Request, shared: &Arc<Shared>, jobs: &Sender<Message>) {
+/// Where the dispatcher sends requests: to the executor, or to be refused with 503.
+///
+/// Answering a request whose body has not been read may block: tiny_http reads the rest of
+/// the body to discard it when the request is dropped, and a client that stalls mid-body never
+/// sends it. Such answers are therefore never given on the dispatcher or the executor: refusals
+/// go to a thread of their own (one stalled client delays only the refusals queued behind it),
+/// and errors found while reading a body are answered by the reader thread that found them.
+#[derive(Clone)]
+struct Queues {
+    jobs: Sender<Message>,
+    refusals: Sender<Request>,
+}
+
+fn spawn_reader(request: Request, shared: &Arc<Shared>, queues: &Queues) {
     if shared.readers.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
         shared.readers.fetch_sub(1, Ordering::AcqRel);
-        let _ = request.respond(error_response(503, "too many concurrent API requests"));
+        let _ = queues.refusals.send(request);
         return;
     }
-    let (task_shared, jobs) = (shared.clone(), jobs.clone());
+    let (task_shared, jobs) = (shared.clone(), queues.jobs.clone());
     let spawned = thread::Builder::new()
         .name("api-read".into())
         .spawn(move || {
             let _done = Reading(&task_shared.readers);
             let mut request = request;
-            let body = read_body(&mut request);
-            let _ = jobs.send(Message::Job(Box::new(Job { request, body })));
+            match read_body(&mut request) {
+                Ok(body) => {
+                    let body = Ok(body);
+                    let _ = jobs.send(Message::Job(Box::new(Job { request, body })));
+                }
+                Err(reply) => finish(request, reply),
+            }
         });
     if let Err(e) = spawned {
         // The request went with the closure; tiny_http answers a dropped request with 500.
@@ -434,6 +612,11 @@ fn handle(job: Job, shared: &Shared) {
         Ok(body) => Reply::Respond(route(&request, &body, shared)),
         Err(reply) => reply,
     };
+    finish(request, reply);
+}
+
+/// Answers `request` or abandons it.
+fn finish(request: Request, reply: Reply) {
     match reply {
         Reply::Respond(response) => {
             if let Err(e) = request.respond(response) {

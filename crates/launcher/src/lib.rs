@@ -38,6 +38,7 @@ mod signals;
 pub mod slirp;
 pub mod statedir;
 pub mod sys;
+mod watch;
 
 pub use config::{Cidr, ConfigError, LaunchConfig, NetworkMode, PortDriverKind, Propagation};
 pub use parent::{run, start, Running};

@@ -17,6 +17,7 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
+use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag};
 use nix::unistd::{Gid, Pid, Uid};
 use rkport_api::server::{ApiServer, ApiState};
@@ -31,6 +32,7 @@ use crate::signals::Forwarder;
 use crate::slirp::{self, Slirp4netns, Slirp4netnsArgs};
 use crate::statedir::{StateDir, API_SOCK, SLIRP4NETNS_SOCK};
 use crate::sys::{configure_child, dup_high, exit_code, raw};
+use crate::watch;
 use crate::CHILD_ENV;
 
 /// A rootlesskit ready to run the command: namespaces and network are set up, every `-p`
@@ -170,10 +172,15 @@ impl Running {
     /// returns 255 then; 128+N tells which signal it was, as shells do).
     ///
     /// # Errors
-    /// The command cannot be executed (e.g. not found), or waiting fails.
+    /// The command cannot be executed (e.g. not found), waiting fails, or slirp4netns exited
+    /// while the command ran.
+    ///
+    /// With `--net=slirp4netns`, slirp4netns exiting first stops the command (SIGTERM, then
+    /// SIGKILL after 10 s) and is an error naming its exit status.
     pub fn wait(mut self) -> anyhow::Result<i32> {
         let command = self.session.start_command()?;
         tracing::debug!(pid = command, "command started");
+        self.session.watch_slirp4netns()?;
         let child = self.session.child.take().context("no child process")?;
         let code = wait_reaped(child, &self.session.forwarder)?;
         Ok(code)
@@ -249,6 +256,30 @@ impl Session {
 
     fn child_pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Returns once the child has exited (not reaped), or fails once slirp4netns has exited
+    /// first and the command has been asked to stop. Returns at once without slirp4netns or
+    /// pidfds; the caller then waits for the child.
+    fn watch_slirp4netns(&mut self) -> anyhow::Result<()> {
+        let (Some(slirp), Some(child)) = (&mut self.slirp, &self.child) else {
+            return Ok(());
+        };
+        if watch::first_exit(child.id(), slirp.pid()) == watch::First::Child {
+            return Ok(());
+        }
+        let status = slirp.reap();
+        tracing::debug!(?status, "slirp4netns exited while the command ran");
+        // The child forwards SIGTERM to the command; Drop kills whatever is left.
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        if !watch::exited_within_grace(child.id()) {
+            tracing::debug!("command still running after SIGTERM, killing it");
+        }
+        let status = status.map_or_else(|e| format!("status unknown: {e}"), |s| s.to_string());
+        bail!(
+            "slirp4netns exited unexpectedly ({status}): the namespace has lost its network, \
+             so the command was stopped"
+        )
     }
 
     /// Re-executes this binary as the child, with the control socket at fd 3 and the builtin

@@ -117,6 +117,11 @@ impl Slirp4netns {
         self.process.id()
     }
 
+    /// Reaps slirp4netns once it has exited (blocks until then).
+    pub fn reap(&mut self) -> io::Result<std::process::ExitStatus> {
+        self.process.wait()
+    }
+
     fn wait_ready(&mut self, pipe: OwnedFd) -> Result<(), Slirp4netnsError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut file = std::fs::File::from(pipe);

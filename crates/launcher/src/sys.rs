@@ -104,6 +104,22 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// A pidfd for process `pid` (pidfd_open(2)): readable once the process has exited.
+///
+/// # Errors
+/// No such process, or a kernel older than 5.3 (`ENOSYS`).
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).map_err(io::Error::other)?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; it touches
+    // no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel has just created this descriptor (close-on-exec) for us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 /// The raw number of an fd, for building [`configure_child`] lists.
 pub(crate) fn raw(fd: &impl AsRawFd) -> RawFd {
     fd.as_raw_fd()

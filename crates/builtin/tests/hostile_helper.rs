@@ -1,0 +1,327 @@
+//! A misbehaving helper on the channel: the helper runs inside the namespace, next to the
+//! contained (untrusted) program, so the parent must survive anything it sends.
+//!
+//! The fake helper here is a thread of this test on the helper end of [`channel()`]. For each
+//! request it follows the behaviour the test queued for it: garbage, replies to ids that were
+//! never asked, a pipe, a listening socket, a socket of the wrong type or domain, too many
+//! descriptors, an errno with a descriptor attached, duplicates, silence; and at the end it
+//! closes the channel. Every client must either work (when a correct reply eventually came) or
+//! be closed promptly, every driver call must return, descriptors sent by the helper must not
+//! pile up in the parent, and `shutdown` must return.
+//!
+//! Everything runs in the host's network namespace on loopback; no privilege is needed. The
+//! whole test is one function because it counts this process's descriptors.
+
+mod support;
+
+use std::io::{ErrorKind, IoSlice, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread;
+
+use nix::sys::socket::{recv, sendmsg, ControlMessage, MsgFlags};
+use rkport_builtin::wire::{Kind, Reply, Request, REQUEST_LEN};
+use rkport_builtin::{channel, BuiltinDriver, PortDriver};
+use rkport_core::PortSpec;
+use socket2::{Domain, Socket, Type};
+use support::{connect, free_port, init_tracing, wait_until, Result};
+
+/// What the fake helper does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Misbehave {
+    /// Garbage and an unknown-id reply with a socket first, then a correct reply.
+    GarbageThenGood,
+    /// A reply to an id never asked (with a socket), then `ECONNREFUSED` for the real one.
+    WrongIdThenRefused,
+    /// Success with a pipe instead of a socket.
+    Pipe,
+    /// Success with a listening TCP socket.
+    Listening,
+    /// Success with a UDP socket for a TCP request (and a TCP one for a UDP request).
+    WrongType,
+    /// Success with a unix stream socket.
+    WrongDomain,
+    /// Success with two good sockets.
+    TwoFds,
+    /// Success with 200 descriptors (more than the parent takes: truncated).
+    ManyFds,
+    /// An errno with a good socket attached.
+    ErrnoWithFd,
+    /// A correct reply, then another for the same id with another socket.
+    Duplicate,
+    /// No answer at all.
+    Silence,
+}
+
+/// Whether the client of a request with this behaviour is served.
+fn served(b: Misbehave) -> bool {
+    matches!(b, Misbehave::GarbageThenGood | Misbehave::Duplicate)
+}
+
+fn spec(s: &str) -> PortSpec {
+    s.parse().expect("valid spec")
+}
+
+fn echo_server() -> Result<SocketAddr> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let addr = listener.local_addr()?;
+    thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut r = s.try_clone().expect("clone");
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A socket of `domain`/`ty`; TCP ones start connecting to `echo`, UDP ones connect to it.
+fn sock(domain: Domain, ty: Type, echo: SocketAddr) -> OwnedFd {
+    let s = Socket::new(domain, ty.nonblocking(), None).expect("socket");
+    if domain == Domain::IPV4 {
+        match s.connect(&echo.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    s.into()
+}
+
+fn good(kind: Kind, echo: SocketAddr) -> OwnedFd {
+    match kind {
+        Kind::Tcp => sock(Domain::IPV4, Type::STREAM, echo),
+        Kind::Udp => sock(Domain::IPV4, Type::DGRAM, echo),
+    }
+}
+
+/// Sends `data` with `fds` attached; a parent that has gone is not an error here.
+fn send(chan: &OwnedFd, data: &[u8], fds: &[RawFd]) {
+    let cmsgs = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsgs };
+    let iov = [IoSlice::new(data)];
+    let _ = sendmsg::<()>(chan.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None);
+}
+
+fn reply(chan: &OwnedFd, id: u64, errno: i32, fds: &[RawFd]) {
+    send(chan, &Reply { id, errno }.encode(), fds);
+}
+
+/// Carries out `b` for `req`.
+fn act(chan: &OwnedFd, req: &Request, b: Misbehave, echo: SocketAddr) {
+    let raw = |fds: &[OwnedFd]| fds.iter().map(AsRawFd::as_raw_fd).collect::<Vec<_>>();
+    let wrong_type = match req.kind {
+        Kind::Tcp => sock(Domain::IPV4, Type::DGRAM, echo),
+        Kind::Udp => sock(Domain::IPV4, Type::STREAM, echo),
+    };
+    match b {
+        Misbehave::GarbageThenGood => {
+            send(chan, b"garbage", &[]);
+            send(chan, &[0xff; 100], &[]);
+            let stray = good(req.kind, echo);
+            reply(chan, req.id + 1_000_000, 0, &raw(&[stray]));
+            reply(chan, req.id, 0, &raw(&[good(req.kind, echo)]));
+        }
+        Misbehave::WrongIdThenRefused => {
+            reply(chan, req.id + 1, 0, &raw(&[good(req.kind, echo)]));
+            reply(chan, req.id, libc::ECONNREFUSED, &[]);
+        }
+        Misbehave::Pipe => {
+            let (r, _w) = nix::unistd::pipe().expect("pipe");
+            reply(chan, req.id, 0, &raw(&[r]));
+        }
+        Misbehave::Listening => {
+            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listener");
+            reply(chan, req.id, 0, &[l.as_raw_fd()]);
+        }
+        Misbehave::WrongType => reply(chan, req.id, 0, &raw(&[wrong_type])),
+        Misbehave::WrongDomain => {
+            let (a, _b) = UnixStream::pair().expect("pair");
+            reply(chan, req.id, 0, &[a.as_raw_fd()]);
+        }
+        Misbehave::TwoFds => {
+            let two = [good(req.kind, echo), good(req.kind, echo)];
+            reply(chan, req.id, 0, &raw(&two));
+        }
+        Misbehave::ManyFds => {
+            let many: Vec<OwnedFd> = (0..200).map(|_| good(req.kind, echo)).collect();
+            reply(chan, req.id, 0, &raw(&many));
+        }
+        Misbehave::ErrnoWithFd => {
+            reply(
+                chan,
+                req.id,
+                libc::ECONNREFUSED,
+                &raw(&[good(req.kind, echo)]),
+            );
+        }
+        Misbehave::Duplicate => {
+            reply(chan, req.id, 0, &raw(&[good(req.kind, echo)]));
+            reply(chan, req.id, 0, &raw(&[good(req.kind, echo)]));
+        }
+        Misbehave::Silence => {}
+    }
+}
+
+/// The fake helper: before any request, floods the parent with unsolicited messages carrying
+/// pipes; then answers each request as `plan` says and reports its kind on `seen`; returns
+/// (closing its end) when `plan` is closed.
+fn fake_helper(chan: OwnedFd, plan: Receiver<Misbehave>, seen: Sender<Kind>, echo: SocketAddr) {
+    for i in 0..500u64 {
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        let id = u64::MAX - i; // never a request id
+        send(
+            &chan,
+            &Reply { id, errno: 0 }.encode(),
+            &[r.as_raw_fd(), w.as_raw_fd()],
+        );
+    }
+    let mut buf = [0u8; 64];
+    while let Ok(b) = plan.recv() {
+        let n = match recv(chan.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        assert_eq!(
+            n, REQUEST_LEN,
+            "the parent sent a request of the wrong size"
+        );
+        let req = Request::decode(&buf[..n]).expect("the parent's request decodes");
+        act(&chan, &req, b, echo);
+        let _ = seen.send(req.kind);
+    }
+}
+
+/// Descriptors open in this process.
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// What this process's descriptors are, for a failure message.
+fn fd_list() -> String {
+    let entries = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten();
+    let targets: Vec<String> = entries
+        .map(|e| {
+            std::fs::read_link(e.path()).map_or_else(|_| "?".into(), |t| t.display().to_string())
+        })
+        .collect();
+    format!("{}: {targets:?}", targets.len())
+}
+
+/// Whether a read on `client` ends (end of file or reset) rather than hanging; panics on a
+/// timeout of the hang guard.
+fn closed_promptly(client: &mut TcpStream, what: &str) {
+    let mut buf = [0u8; 16];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{what}: read {n} bytes from a connection that has no inner side"),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: expected end of file or reset, got {e}"),
+    }
+}
+
+fn echoes(client: &mut TcpStream, what: &str) -> Result {
+    client.write_all(what.as_bytes())?;
+    client.shutdown(Shutdown::Write)?;
+    let mut back = String::new();
+    client.read_to_string(&mut back)?;
+    assert_eq!(back, what);
+    Ok(())
+}
+
+#[test]
+fn misbehaving_helper_cannot_crash_or_hang_the_parent() -> Result {
+    init_tracing();
+    let echo = echo_server()?;
+    let (parent_end, helper_end) = channel()?;
+    let (plan, plan_rx) = mpsc::channel();
+    let (seen_tx, seen) = mpsc::channel();
+    let helper = thread::spawn(move || fake_helper(helper_end, plan_rx, seen_tx, echo));
+    let driver = BuiltinDriver::new(parent_end)?;
+    let port = free_port()?;
+    driver.add_port(&spec(&format!("127.0.0.1:{port}:9/tcp")))?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+
+    // Correct exchanges first, one per data-path worker (each keeps a pool of pipes), which
+    // also wait out the unsolicited flood.
+    let workers = thread::available_parallelism().map_or(1, |n| n.get());
+    for i in 0..workers {
+        plan.send(Misbehave::GarbageThenGood)?;
+        echoes(&mut connect(addr)?, &format!("warm-up {i}"))?;
+        seen.recv()?;
+    }
+    let baseline = fd_count();
+
+    // Each behaviour twice, one client at a time so that requests and clients pair up.
+    use Misbehave::*;
+    let all = [
+        GarbageThenGood,
+        WrongIdThenRefused,
+        Pipe,
+        Listening,
+        WrongType,
+        WrongDomain,
+        TwoFds,
+        ManyFds,
+        ErrnoWithFd,
+        Duplicate,
+    ];
+    for b in all.iter().chain(&all).copied() {
+        plan.send(b)?;
+        let mut client = connect(addr)?;
+        let what = format!("{b:?}");
+        if served(b) {
+            echoes(&mut client, &what)?;
+        } else {
+            closed_promptly(&mut client, &what);
+        }
+        assert_eq!(seen.recv()?, Kind::Tcp);
+    }
+
+    // UDP: a wrong reply to a session request is dropped, the port stays.
+    let udp_port = free_port()?;
+    let udp = driver.add_port(&spec(&format!("127.0.0.1:{udp_port}:9/udp")))?;
+    plan.send(WrongType)?;
+    let client = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    client.send_to(b"datagram", (Ipv4Addr::LOCALHOST, udp_port))?;
+    assert_eq!(seen.recv()?, Kind::Udp);
+    driver.remove_port(udp.id)?;
+    drop(client);
+
+    // Nothing the helper sent is left open in the parent.
+    let settled = wait_until("descriptors sent by the helper to be closed", || {
+        Ok(fd_count() <= baseline)
+    });
+    assert!(settled.is_ok(), "{baseline} fds before, now {}", fd_list());
+
+    // A request left unanswered, then the helper closes the channel.
+    plan.send(Silence)?;
+    let mut pending = connect(addr)?;
+    assert_eq!(seen.recv()?, Kind::Tcp);
+    drop(plan);
+    helper.join().expect("fake helper");
+    closed_promptly(&mut pending, "pending when the channel closed");
+
+    // Without a helper the driver still answers, clients are closed, ports come and go.
+    closed_promptly(&mut connect(addr)?, "after the channel closed");
+    assert_eq!(driver.list_ports()?.len(), 1);
+    let other = free_port()?;
+    let status = driver.add_port(&spec(&format!("127.0.0.1:{other}:9/tcp")))?;
+    closed_promptly(
+        &mut connect((Ipv4Addr::LOCALHOST, other))?,
+        "new port after the channel closed",
+    );
+    driver.remove_port(status.id)?;
+    driver.shutdown();
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "listener left after shutdown"
+    );
+    Ok(())
+}
