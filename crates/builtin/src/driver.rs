@@ -228,6 +228,13 @@ fn bind(spec: &PortSpec, listen: ListenAddr) -> Result<Socket, PortError> {
         // Lets a port be re-added while connections of its previous listener linger in
         // TIME_WAIT (rootlesskit#262).
         sock.set_reuse_address(true).map_err(io_err)?;
+        // Accepted sockets inherit TCP_NODELAY from the listener, saving a call per
+        // connection; without it small writes wait for an ack.
+        if let Err(e) = sock.set_tcp_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on the listener");
+        }
+    } else {
+        crate::sys::grow_socket_buffers(&sock);
     }
     if let Err(e) = sock.bind(&listen.addr.into()) {
         return Err(bind_error(listen.addr.port(), context(), e));

@@ -101,6 +101,13 @@ fn open(req: &Request) -> io::Result<OwnedFd> {
         Kind::Udp => Type::DGRAM,
     };
     let sock = Socket::new(domain, ty.nonblocking(), None)?;
+    match req.kind {
+        // Best effort: the forwarder works without it, only small writes may wait for an ack.
+        Kind::Tcp => {
+            let _ = sock.set_tcp_nodelay(true);
+        }
+        Kind::Udp => sys::grow_socket_buffers(&sock),
+    }
     match sock.connect(&req.target.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

@@ -178,3 +178,20 @@ pub fn raise_nofile_limit() {
         Err(e) => tracing::debug!(error = %e, "cannot read RLIMIT_NOFILE"),
     }
 }
+
+/// Socket buffer size asked for UDP sockets, so that bursts of datagrams are not dropped
+/// while the forwarding thread is busy.
+const UDP_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Asks for bigger receive and send buffers on a UDP socket; the kernel caps the request at
+/// `net.core.rmem_max`/`wmem_max`, and a refusal keeps the defaults.
+pub fn grow_socket_buffers(sock: &socket2::Socket) {
+    for result in [
+        sock.set_recv_buffer_size(UDP_BUFFER),
+        sock.set_send_buffer_size(UDP_BUFFER),
+    ] {
+        if let Err(e) = result {
+            tracing::trace!(error = %e, "cannot grow a UDP socket buffer");
+        }
+    }
+}

@@ -59,7 +59,17 @@ pub(crate) struct WorkerTx {
 impl WorkerTx {
     /// Queues `cmd` and wakes the worker; false when the worker has stopped.
     pub fn send(&self, cmd: WorkerCmd) -> bool {
-        self.tx.send(cmd).is_ok() && self.waker.wake().is_ok()
+        self.queue(cmd) && self.wake()
+    }
+
+    /// Queues `cmd` without waking the worker; call [`WorkerTx::wake`] after a batch.
+    pub fn queue(&self, cmd: WorkerCmd) -> bool {
+        self.tx.send(cmd).is_ok()
+    }
+
+    /// Wakes the worker to apply what was queued; false when the worker has stopped.
+    pub fn wake(&self) -> bool {
+        self.waker.wake().is_ok()
     }
 }
 
@@ -101,6 +111,10 @@ struct Pair {
     client: TcpStream,
     inner: TcpStream,
     connected: bool,
+    /// Whether writable readiness of the client is watched (only while `down` is stuck).
+    client_w: bool,
+    /// Whether writable readiness of the inner socket is watched (the connect, or `up` stuck).
+    inner_w: bool,
     /// Listed in `Worker::again`; keeps a busy pair from being listed twice.
     queued: bool,
     /// Client to inner.
@@ -155,7 +169,12 @@ impl Worker {
                         return;
                     }
                 } else {
-                    self.service(slot_of(event.token()));
+                    let hint = Hint {
+                        inner: event.token().0 % 2 == 0,
+                        writable: event.is_writable(),
+                        failed: event.is_error() || event.is_read_closed(),
+                    };
+                    self.service(slot_of(event.token()), Some(hint));
                 }
             }
             for _ in 0..self.again.len() {
@@ -163,7 +182,7 @@ impl Worker {
                     if let Some(Some(pair)) = self.pairs.get_mut(slot) {
                         pair.queued = false;
                     }
-                    self.service(slot);
+                    self.service(slot, None);
                 }
             }
         }
@@ -207,10 +226,12 @@ impl Worker {
             self.pairs.len() - 1
         });
         let pair = self.pairs[slot].insert(pair);
+        // Writable readiness is watched only when it is awaited: the connect, or a pipe that
+        // could not be drained. Watching it always would wake the worker on every ack.
         let both = Interest::READABLE | Interest::WRITABLE;
         let registry = self.poll.registry();
         let registered = registry
-            .register(&mut pair.client, Token(2 * slot + 1), both)
+            .register(&mut pair.client, Token(2 * slot + 1), Interest::READABLE)
             .and_then(|()| registry.register(&mut pair.inner, Token(2 * slot + 2), both));
         if let Err(e) = registered {
             tracing::debug!(port, error = %e, "cannot watch a forwarded connection");
@@ -231,14 +252,15 @@ impl Worker {
             (Ok(up), Ok(down)) => (up, down),
             (Err(e), _) | (_, Err(e)) => return Err((client, e)),
         };
-        // Go sets TCP_NODELAY on every connection; without it small writes wait for an ack.
-        let _ = client.set_nodelay(true);
-        let _ = inner.set_nodelay(true);
+        // TCP_NODELAY (as Go sets on every connection) is inherited by `client` from its
+        // listener and set on `inner` by the helper.
         Ok(Pair {
             port,
             client,
             inner,
             connected: false,
+            client_w: false,
+            inner_w: true,
             queued: false,
             up: Flow::new(up),
             down: Flow::new(down),
@@ -252,28 +274,37 @@ impl Worker {
         }
     }
 
-    /// Reacts to readiness of slot `slot`: finishes the connect, then pumps both directions.
-    fn service(&mut self, slot: usize) {
+    /// Reacts to readiness of slot `slot` (`hint` describes the event, `None` for a pair
+    /// pumped again after spending its budget): finishes the connect, then pumps both
+    /// directions.
+    fn service(&mut self, slot: usize, hint: Option<Hint>) {
         let Some(Some(pair)) = self.pairs.get_mut(slot) else {
             return;
         };
+        let mut spurious = hint.filter(|h| h.writable);
         if !pair.connected {
-            // A client reset while the connect is still pending ends the pair now.
-            if let Ok(Some(e)) = pair.client.take_error() {
-                tracing::debug!(port = pair.port, error = %e, "client reset before connect");
-                return self.close(slot, true);
-            }
-            match connect_result(&pair.inner) {
+            spurious = None;
+            match pair.connecting(hint) {
                 Ok(false) => return,
                 Ok(true) => pair.connected = true,
                 Err(e) => {
-                    tracing::debug!(port = pair.port, error = %e, "connect inside the namespace failed");
+                    tracing::debug!(port = pair.port, error = %e, "forwarded connection failed before connect");
                     return self.close(slot, true);
                 }
             }
         }
 
-        match pair.pump() {
+        let pumped = pair.pump();
+        let open = matches!(pumped, Ok(Pumped::Idle | Pumped::Busy));
+        let watched = match open {
+            true => pair.watch_writable(&self.poll, slot, spurious),
+            false => Ok(()),
+        };
+        if let Err(e) = watched {
+            tracing::debug!(port = pair.port, error = %e, "cannot watch a forwarded connection");
+            return self.close(slot, true);
+        }
+        match pumped {
             Ok(Pumped::Idle) => self.recycle(slot),
             Ok(Pumped::Busy) if !pair.queued => {
                 pair.queued = true;
@@ -304,12 +335,10 @@ impl Worker {
 
     /// Closes slot `slot`, resetting both sockets when `abort`.
     fn close(&mut self, slot: usize, abort: bool) {
-        let Some(mut pair) = self.pairs.get_mut(slot).and_then(Option::take) else {
+        let Some(pair) = self.pairs.get_mut(slot).and_then(Option::take) else {
             return;
         };
-        let registry = self.poll.registry();
-        let _ = registry.deregister(&mut pair.client);
-        let _ = registry.deregister(&mut pair.inner);
+        // Closing the sockets below removes them from the poll; no deregister needed.
         if abort {
             reset(&pair.client);
             reset(&pair.inner);
@@ -333,7 +362,72 @@ impl Worker {
     }
 }
 
+/// What woke a pair: which socket, and how.
+#[derive(Debug, Clone, Copy)]
+struct Hint {
+    /// The inner socket (else the client).
+    inner: bool,
+    writable: bool,
+    /// Error or end of file.
+    failed: bool,
+}
+
 impl Pair {
+    /// Checks a pending connect on an event: `Ok(true)` once it has succeeded.
+    ///
+    /// `SO_ERROR` is read once, on the inner socket's first writable (or error) event; a
+    /// client event is looked at only when it reports an error, to end the pair early when
+    /// the client resets while the connect is pending.
+    fn connecting(&self, hint: Option<Hint>) -> io::Result<bool> {
+        let Some(hint) = hint else { return Ok(false) };
+        if !hint.inner {
+            if hint.failed {
+                if let Some(e) = self.client.take_error()? {
+                    return Err(e);
+                }
+            }
+            return Ok(false);
+        }
+        if let Some(e) = self.inner.take_error()? {
+            return Err(e);
+        }
+        if hint.writable {
+            return Ok(true);
+        }
+        connect_result(&self.inner)
+    }
+
+    /// Watches writable readiness of a socket while bytes for it wait in a pipe; stops
+    /// watching it after a writable event that found nothing waiting (`spurious`).
+    fn watch_writable(
+        &mut self,
+        poll: &Poll,
+        slot: usize,
+        spurious: Option<Hint>,
+    ) -> io::Result<()> {
+        let registry = poll.registry();
+        let both = Interest::READABLE | Interest::WRITABLE;
+        let want_client = self.down.buffered > 0;
+        let woke_client = matches!(spurious, Some(h) if !h.inner);
+        if want_client != self.client_w && (want_client || woke_client) {
+            let interest = if want_client {
+                both
+            } else {
+                Interest::READABLE
+            };
+            registry.reregister(&mut self.client, Token(2 * slot + 1), interest)?;
+            self.client_w = want_client;
+        }
+        let want_inner = self.up.buffered > 0;
+        let woke_inner = matches!(spurious, Some(h) if h.inner);
+        if want_inner != self.inner_w && (want_inner || woke_inner) {
+            let interest = if want_inner { both } else { Interest::READABLE };
+            registry.reregister(&mut self.inner, Token(2 * slot + 2), interest)?;
+            self.inner_w = want_inner;
+        }
+        Ok(())
+    }
+
     /// Moves what can be moved in both directions.
     fn pump(&mut self) -> io::Result<Pumped> {
         let up = self.up.pump(&self.client, &self.inner)?;

@@ -91,6 +91,7 @@ pub(crate) fn spawn(
         rx,
         channel: Some(channel),
         outbox: VecDeque::new(),
+        unwoken: vec![false; workers.len()],
         workers,
         next_worker: 0,
         ports: HashMap::new(),
@@ -174,6 +175,8 @@ struct Control {
     outbox: VecDeque<[u8; REQUEST_LEN]>,
     workers: Vec<WorkerTx>,
     next_worker: usize,
+    /// Workers given connections since they were last woken.
+    unwoken: Vec<bool>,
     ports: HashMap<PortId, Port>,
     sources: HashMap<Token, Source>,
     next_token: usize,
@@ -403,10 +406,24 @@ impl Control {
         }
     }
 
+    /// Sends what waits in the outbox and takes the helper's replies, then wakes the workers
+    /// that were handed connections, once each for the whole batch.
     fn channel_ready(&mut self) {
         self.flush();
+        self.receive();
+        self.wake_workers();
+    }
+
+    fn receive(&mut self) {
         let mut buf = [0u8; 64];
+        let mut first = true;
         while let Some(channel) = &self.channel {
+            // The helper sends only replies, and every message raises its own event: once no
+            // request is left unanswered, a further read would only return EAGAIN. One read
+            // per event is always made, so that an end of file or a stray message is seen.
+            if !std::mem::take(&mut first) && self.pending.is_empty() {
+                return;
+            }
             match sys::recv_with_fds(channel.as_fd(), &mut buf) {
                 Ok(msg) if msg.len == 0 && msg.fds.is_empty() => {
                     return self.lose_channel(io::ErrorKind::UnexpectedEof.into())
@@ -414,6 +431,14 @@ impl Control {
                 Ok(msg) => self.reply(&buf[..msg.len], msg.fds, msg.truncated),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => return self.channel_error(e),
+            }
+        }
+    }
+
+    fn wake_workers(&mut self) {
+        for (worker, unwoken) in self.workers.iter().zip(&mut self.unwoken) {
+            if std::mem::take(unwoken) {
+                worker.wake();
             }
         }
     }
@@ -493,7 +518,8 @@ impl Control {
             Pending::Tcp { port, client, .. } => {
                 let n = self.next_worker % self.workers.len();
                 self.next_worker = self.next_worker.wrapping_add(1);
-                self.workers[n].send(WorkerCmd::Conn {
+                // Woken by `channel_ready` once its batch of replies is done.
+                self.unwoken[n] |= self.workers[n].queue(WorkerCmd::Conn {
                     port,
                     client,
                     inner,
