@@ -1,6 +1,8 @@
 //! The socat port driver with real socat, real nsenter and real servers in a real user+net
 //! namespace.
 
+// One set of namespace fixtures serves the slirp4netns and socat driver tests.
+#[path = "../../../tests/shared/netns_fixtures.rs"]
 mod common;
 
 use std::error::Error;
