@@ -351,14 +351,23 @@ impl Cli {
 /// Logs to stderr: `RUST_LOG` when set, else `info` (`debug` with `--debug`).
 ///
 /// tiny_http reports its listener being closed at shutdown as an error; that is expected
-/// here, so its logs are off unless `RUST_LOG` asks for them.
+/// here, so its logs are off unless `RUST_LOG` names it.
 fn init_tracing(debug: bool) {
     let default = if debug {
         "debug,tiny_http=off"
     } else {
         "info,tiny_http=off"
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => {
+            let spec = match spec.contains("tiny_http") {
+                true => spec,
+                false => format!("{spec},tiny_http=off"),
+            };
+            EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new(default))
+        }
+        _ => EnvFilter::new(default),
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

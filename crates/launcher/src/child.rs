@@ -92,7 +92,11 @@ fn run(channel: &mut Channel) -> anyhow::Result<i32> {
 }
 
 fn expect(channel: &mut Channel, want: fn(&ParentMsg) -> bool) -> anyhow::Result<()> {
-    let msg: ParentMsg = channel.recv().context("parent went away")?;
+    let Ok(msg) = channel.recv() else {
+        // The parent stopped before the command started (a failed `-p`, a signal); it reports
+        // why, and a second error line from here would only blur that.
+        std::process::exit(1);
+    };
     if !want(&msg) {
         bail!("unexpected control message {msg:?}");
     }

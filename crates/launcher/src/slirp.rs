@@ -100,6 +100,12 @@ impl Slirp4netns {
         let mut command = Command::new(binary);
         command.args(args.to_args(child));
         configure_child(&mut command, vec![(raw(&ready_write), READY_FD)]);
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            // slirp4netns narrates every tap and API event on stderr; show it with --debug.
+            command
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+        }
         tracing::debug!(?command, "starting slirp4netns");
         let process = command.spawn().map_err(|source| Slirp4netnsError::Spawn {
             binary: binary.display().to_string(),
