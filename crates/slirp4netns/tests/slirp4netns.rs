@@ -4,104 +4,33 @@
 // One set of namespace fixtures serves the slirp4netns and socat driver tests.
 #[path = "../../../tests/shared/netns_fixtures.rs"]
 mod common;
+#[path = "support/slirp.rs"]
+mod slirp;
 
 use std::error::Error;
-use std::fs::File;
-use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 
 use rkport_core::{PortDriver, PortError, PortSpec, SpecError};
 use rkport_slirp4netns::{api, apply_host_loopback_guard, Slirp4netnsDriver};
 
 use common::{free_port, pattern, tcp_exchange, udp_exchange, Netns, IO_TIMEOUT};
+use slirp::Slirp;
 
 type TestResult = Result<(), Box<dyn Error>>;
 
 const TAP_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 100);
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 
-/// A slirp4netns serving a [`Netns`] with tap0, killed and reaped on drop.
-struct Slirp {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Slirp {
-    /// Starts `slirp4netns --api-socket SOCK -r FD --mtu 65520 [extra] PID tap0` and waits for
-    /// the ready fd.
-    fn start(ns: &Netns, extra: &[&str]) -> Result<Slirp, Box<dyn Error>> {
-        let dir = tempfile::tempdir()?;
-        let socket = dir.path().join("s4nn.sock");
-        let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let fd = ready_w.as_raw_fd();
-
-        let mut cmd = Command::new("slirp4netns");
-        cmd.arg("--api-socket")
-            .arg(&socket)
-            .args(["-r", &fd.to_string(), "--mtu", "65520"]);
-        cmd.args(extra)
-            .args([&ns.pid().to_string(), "tap0"])
-            .stdout(Stdio::null());
-        // SAFETY: fcntl is async-signal-safe; it only clears close-on-exec on the pipe's write
-        // end so that slirp4netns inherits it as its ready fd.
-        unsafe {
-            cmd.pre_exec(move || match libc::fcntl(fd, libc::F_SETFD, 0) {
-                -1 => Err(std::io::Error::last_os_error()),
-                _ => Ok(()),
-            });
-        }
-        let child = cmd.spawn()?;
-        drop(ready_w);
-        let slirp = Slirp {
-            child,
-            socket,
-            _dir: dir,
-        };
-        wait_ready(ready_r)?;
-        Ok(slirp)
-    }
-
-    fn driver(&self) -> Slirp4netnsDriver {
-        Slirp4netnsDriver::new(&self.socket, TAP_IP)
-    }
-}
-
-impl Drop for Slirp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Reads slirp4netns's `1` from the ready pipe, failing if it exits (EOF) or never answers.
-fn wait_ready(fd: OwnedFd) -> Result<(), Box<dyn Error>> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut byte = [0u8; 1];
-        let _ = tx.send(
-            File::from(fd)
-                .read(&mut byte)
-                .map(|n| n == 1 && byte[0] == b'1'),
-        );
-    });
-    match rx.recv_timeout(IO_TIMEOUT) {
-        Ok(Ok(true)) => Ok(()),
-        Ok(_) => Err("slirp4netns exited before it was ready".into()),
-        Err(_) => Err("slirp4netns did not get ready".into()),
-    }
+fn driver(slirp: &Slirp) -> Slirp4netnsDriver {
+    Slirp4netnsDriver::new(&slirp.socket, TAP_IP)
 }
 
 /// A namespace with tap0 and slirp4netns; `extra` are more slirp4netns flags.
 fn network(extra: &[&str]) -> Result<(Netns, Slirp), Box<dyn Error>> {
     let ns = Netns::new()?;
     ns.add_tap()?;
-    let slirp = Slirp::start(&ns, extra)?;
+    let slirp = Slirp::start(ns.pid(), extra)?;
     Ok((ns, slirp))
 }
 
@@ -118,7 +47,7 @@ fn tcp_and_udp_add_list_remove() -> TestResult {
     let (ns, slirp) = network(&["--disable-host-loopback"])?;
     let _tcp = ns.python(common::TCP_SERVER, &["9001"])?;
     let _udp = ns.python(common::UDP_SERVER, &["9002"])?;
-    let driver = slirp.driver();
+    let driver = driver(&slirp);
     let (tp, up) = (free_port(), free_port());
 
     // Publish, and check the ids are slirp4netns's own.
@@ -169,7 +98,7 @@ fn tcp_and_udp_add_list_remove() -> TestResult {
 fn udp_roundtrip_without_host_loopback_flag() -> TestResult {
     let (ns, slirp) = network(&[])?;
     let _udp = ns.python(common::UDP_SERVER, &["9002"])?;
-    let driver = slirp.driver();
+    let driver = driver(&slirp);
     let port = free_port();
     driver.add_port(&spec(&format!("127.0.0.1:{port}:9002/udp4")))?;
     for size in [1, 1400, 60000] {
@@ -184,7 +113,7 @@ fn udp_roundtrip_without_host_loopback_flag() -> TestResult {
 #[test]
 fn conflicts_are_refused_and_nothing_is_registered() -> TestResult {
     let (_ns, slirp) = network(&[])?;
-    let driver = slirp.driver();
+    let driver = driver(&slirp);
     let port = free_port();
     let first = driver.add_port(&spec(&format!("127.0.0.1:{port}:80/tcp")))?;
     for dup in [
@@ -206,7 +135,7 @@ fn conflicts_are_refused_and_nothing_is_registered() -> TestResult {
 #[test]
 fn host_port_in_use_is_reported_clearly() -> TestResult {
     let (_ns, slirp) = network(&[])?;
-    let driver = slirp.driver();
+    let driver = driver(&slirp);
     let busy = TcpListener::bind("127.0.0.1:0")?;
     let port = busy.local_addr()?.port();
     let err = driver
@@ -227,7 +156,7 @@ fn host_port_in_use_is_reported_clearly() -> TestResult {
 #[test]
 fn c07_ipv6_and_sctp_refused_before_slirp4netns() -> TestResult {
     let (_ns, slirp) = network(&["--disable-host-loopback"])?;
-    let driver = slirp.driver();
+    let driver = driver(&slirp);
     let cases = [
         (
             "[::]:18007:80/tcp6",
@@ -269,7 +198,7 @@ fn serde_json_protos(info: &rkport_core::DriverInfo) -> Vec<String> {
 fn c08_loopback_child_ip_refused_tap_address_works() -> TestResult {
     let (ns, slirp) = network(&["--disable-host-loopback"])?;
     let _tcp = ns.python(common::TCP_SERVER, &["80"])?;
-    let driver = slirp.driver();
+    let driver = driver(&slirp);
 
     let err = driver
         .add_port(&spec("127.0.0.1:18008:127.0.0.1:80/tcp"))
@@ -350,10 +279,10 @@ fn c16_udp_replies_arrive_with_the_host_loopback_guard() -> TestResult {
     let ns = Netns::new()?;
     ns.add_tap()?;
     apply_host_loopback_guard(ns.pid(), GATEWAY)?;
-    let slirp = Slirp::start(&ns, &[])?;
+    let slirp = Slirp::start(ns.pid(), &[])?;
     let _udp = ns.python(common::UDP_SERVER, &["9017"])?;
     let _tcp = ns.python(common::TCP_SERVER, &["9018"])?;
-    let driver = slirp.driver();
+    let driver = driver(&slirp);
     assert!(driver.udp_reply_warning().is_none());
 
     // Forwards work both ways: their replies belong to flows the host opened.
@@ -386,7 +315,7 @@ fn c16_control_host_loopback_is_open_without_guard() -> TestResult {
 #[test]
 fn udp_warning_when_slirp4netns_has_the_flag() -> TestResult {
     let (_ns, slirp) = network(&["--disable-host-loopback"])?;
-    let driver = slirp.driver().with_host_loopback_disabled(true);
+    let driver = driver(&slirp).with_host_loopback_disabled(true);
     assert!(driver.udp_reply_warning().is_some());
     driver.add_port(&spec(&format!("127.0.0.1:{}:53/udp", free_port())))?;
     Ok(())
