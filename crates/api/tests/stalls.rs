@@ -35,7 +35,7 @@ fn status_line(path: &std::path::Path, request: &str) -> std::io::Result<String>
 #[test]
 fn a_stalled_oversized_body_does_not_block_the_executor() -> TestResult {
     let fx = start_table()?;
-    // Over the body limit (answered 413 without reading), under the discard limit, never sent.
+    // Over the body limit (answered 413 from the head alone), never sent.
     let mut stalled = stall(
         &fx.path,
         "POST /v1/ports HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",
