@@ -12,7 +12,7 @@ use std::net::TcpStream;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use rkport_e2e::{api_request, children, describe, pid_alive, retry, run_kit};
+use rkport_e2e::{api_request, children, describe, pid_alive, retry, rootlessctl, run_kit, Kit};
 
 use super::lab::{connect, drain, exchange, payload, short_echo, Lab, HANG_GUARD};
 use super::ns::{pattern, STREAM_LEN};
@@ -148,6 +148,100 @@ fn slirp4netns_death_stops_rootlesskit_with_a_clear_error() {
     }
     assert!(!lab.state.exists(), "state dir left behind");
     ends_empty(&mut held, "held when rootlesskit stopped");
+}
+
+/// A command slow to stop: once its SIGTERM trap is set it creates file `$2`; on SIGTERM it
+/// waits until file `$1` exists (at most about 30 s, longer than rootlesskit's 10 s grace) and
+/// exits 0.
+const SLOW_TO_STOP: &str = r#"trap 'i=0; while [ ! -e "$1" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; exit 0' TERM; : > "$2"; while :; do sleep 0.2; done"#;
+
+/// Creates the file that lets [`SLOW_TO_STOP`] exit, also when a test fails.
+struct Release<'a>(&'a std::path::Path);
+
+impl Release<'_> {
+    fn now(&self) {
+        std::fs::write(self.0, "").expect("create the release file");
+    }
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0, "");
+    }
+}
+
+/// `networkDriver.error` of `GET /v1/info`, when the API answers with one.
+fn network_error(socket: &std::path::Path) -> Option<String> {
+    let (status, body) = api_request(socket, "GET", "/v1/info", None).ok()?;
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).expect("info is JSON");
+    let net = &info["networkDriver"];
+    assert_eq!(net["driver"], "slirp4netns", "{body}");
+    assert_eq!(net["childIP"], "10.0.2.100", "{body}");
+    net["error"].as_str().map(str::to_owned)
+}
+
+#[test]
+fn slirp4netns_death_is_reported_by_info_while_the_command_stops() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let state = tmp.path().join("s");
+    let (release, trapped) = (tmp.path().join("release"), tmp.path().join("trapped"));
+    let mut kit = Kit::spawn(
+        &state,
+        [
+            "--net=slirp4netns".as_ref(),
+            "--port-driver=builtin".as_ref(),
+            "sh".as_ref(),
+            "-c".as_ref(),
+            SLOW_TO_STOP.as_ref(),
+            "sh".as_ref(),
+            release.as_os_str(),
+            trapped.as_os_str(),
+        ],
+    );
+    // Dropped before `kit`, so that a failing test does not keep the command waiting.
+    let release = Release(&release);
+    kit.wait_ready();
+    let socket = kit.api_socket();
+    assert!(
+        retry(|| trapped.exists().then_some(())).is_some(),
+        "the command never set its trap"
+    );
+    assert_eq!(network_error(&socket), None);
+
+    sigkill(slirp4netns_of(kit.pid()));
+    let Some(error) = retry(|| network_error(&socket)) else {
+        release.now();
+        let output = kit.finish_bounded();
+        panic!("info never reported the error: {}", describe(&output));
+    };
+    // The command waits for the release file, so the API is still up.
+    let text = rootlessctl(&socket, &["info"]);
+    release.now();
+    assert_eq!(
+        error,
+        "slirp4netns exited unexpectedly (signal: 9 (SIGKILL)): the namespace has lost its \
+         network, rootlesskit is stopping"
+    );
+    assert!(text.status.success(), "{}", describe(&text));
+    let want = format!("  - IP: 10.0.2.100\n  - Error: {error}\n- Port Driver: builtin\n");
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains(&want),
+        "{}",
+        describe(&text)
+    );
+
+    let output = kit.finish_bounded();
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for line in [
+        "slirp4netns exited unexpectedly (signal: 9 (SIGKILL)); stopping the command",
+        "[rootlesskit:parent] error: slirp4netns exited unexpectedly (signal: 9 (SIGKILL)): \
+         the namespace has lost its network, so the command was stopped",
+    ] {
+        assert!(stderr.contains(line), "{line:?} not in {stderr}");
+    }
+    assert!(!state.exists(), "state dir left behind");
 }
 
 /// Opens `n` echo connections and exchanges once on each.

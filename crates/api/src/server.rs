@@ -6,7 +6,7 @@
 //!
 //! | Request | Success |
 //! |---|---|
-//! | `GET /v1/info` | 200, [`Info`] with `portDriver` asked from the driver at request time |
+//! | `GET /v1/info` | 200, [`Info`] with `portDriver` asked from the driver at request time, and `networkDriver.error` once [`ApiServer::report_network_error`] was called |
 //! | `GET /v1/ports` | 200, array of `PortStatus` in ascending id order, `null` when empty |
 //! | `POST /v1/ports` | 201, the new `PortStatus` |
 //! | `DELETE /v1/ports/{id}` | 200, empty body |
@@ -25,7 +25,9 @@
 //!   late, so `text/plain; charset=utf-8` goes out. No known client looks at it (upstream's
 //!   client parses the body whatever the type), so we send what the body is:
 //!   `application/json`.
-//! - **Body limit:** request bodies above [`MAX_BODY`] get 413; upstream has no limit.
+//! - **Limits:** request bodies above [`MAX_BODY`] get 413 and request heads above
+//!   [`MAX_HEAD`] 431, answered by the gate (see below) before tiny_http sees the request; the
+//!   gate also refuses ambiguous framing. Upstream has no limits.
 //!
 //! # Access control
 //!
@@ -54,9 +56,9 @@
 //! descriptors are free again.
 //!
 //! tiny_http sets no socket timeouts, so a client that stalls mid-body holds its reader thread
-//! (and the gate's two relay threads) until it disconnects; tiny_http also does not bound the
-//! length of a request head. Only the socket's owner can connect, so these are robustness
-//! limits, not an exposure. [`ApiServer::shutdown`] closes every relayed connection.
+//! (and the gate's two relay threads) until it disconnects, and one that stalls mid-head holds
+//! a gate thread. Only the socket's owner can connect, so these are robustness limits, not an
+//! exposure. [`ApiServer::shutdown`] closes every relayed connection.
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
@@ -78,20 +80,15 @@ use crate::decode::decode_port_spec;
 use crate::gate::{self, Gate};
 use crate::types::{ErrorBody, Info};
 
-/// The largest request body accepted, in bytes (a port spec is about 120).
+/// The largest request body accepted, in bytes (a port spec is about 120); larger ones get 413.
 pub const MAX_BODY: usize = 64 * 1024;
+
+/// The longest request head accepted (request line, headers and the blank line), in bytes;
+/// longer ones get 431.
+pub const MAX_HEAD: usize = 16 * 1024;
 
 /// The most request bodies read from the socket at the same time; more get 503 at once.
 pub const MAX_IN_FLIGHT: usize = 64;
-
-/// Bodies declared larger than this are never read nor answered.
-///
-/// tiny_http discards an unread body when the request is dropped, and allocates a buffer as
-/// large as the declared remainder to do it: a `Content-Length` of a terabyte would abort the
-/// process. Such requests are leaked instead (the connection stays open without an answer
-/// until the client gives up). Between [`MAX_BODY`] and this the body is answered 413 and
-/// discarded normally.
-const MAX_DISCARD: usize = 1024 * 1024;
 
 /// What the server serves: the port driver and the static part of `GET /v1/info`.
 pub struct ApiState {
@@ -154,6 +151,8 @@ struct Shared {
     servers: Mutex<Vec<Served>>,
     /// What `/proc/self/fd/N` reads for a descriptor of `listener` (`socket:[INODE]`).
     listener_link: PathBuf,
+    /// `networkDriver.error` of `GET /v1/info`, once reported.
+    network_error: Mutex<Option<String>>,
 }
 
 /// A tiny_http server, its dispatcher, and the descriptor its accept loop owns.
@@ -214,6 +213,14 @@ impl ApiServer {
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Reports that the network is gone: from now on `GET /v1/info` carries `message` as
+    /// `networkDriver.error` (when there is a network driver). No effect once shut down.
+    pub fn report_network_error(&self, message: &str) {
+        if let Some(running) = lock(&self.running).as_ref() {
+            *lock(&running.shared.network_error) = Some(message.to_owned());
+        }
     }
 
     /// Stops serving and removes the socket file.
@@ -365,6 +372,7 @@ fn spawn_threads(
         listener,
         servers: Mutex::default(),
         listener_link,
+        network_error: Mutex::default(),
     });
     let (jobs, queue) = mpsc::channel();
     {
@@ -475,7 +483,7 @@ fn restart(shared: &Arc<Shared>, queues: &Queues) {
 /// A request with its body read (or the answer reading it calls for).
 struct Job {
     request: Request,
-    body: Result<Vec<u8>, Reply>,
+    body: Result<Vec<u8>, ResponseBox>,
 }
 
 enum Message {
@@ -550,7 +558,7 @@ fn spawn_reader(request: Request, shared: &Arc<Shared>, queues: &Queues) {
                     let body = Ok(body);
                     let _ = jobs.send(Message::Job(Box::new(Job { request, body })));
                 }
-                Err(reply) => finish(request, reply),
+                Err(response) => finish(request, response),
             }
         });
     if let Err(e) = spawned {
@@ -598,38 +606,19 @@ impl Shared {
     }
 }
 
-/// What to do with a request.
-enum Reply {
-    Respond(ResponseBox),
-    /// Drop the request without reading its body nor answering (see [`MAX_DISCARD`]).
-    Abandon,
-}
-
 fn handle(job: Job, shared: &Shared) {
     let Job { request, body } = job;
     tracing::trace!(method = %request.method(), url = request.url(), "API request");
-    let reply = match body {
-        Ok(body) => Reply::Respond(route(&request, &body, shared)),
-        Err(reply) => reply,
+    let response = match body {
+        Ok(body) => route(&request, &body, shared),
+        Err(response) => response,
     };
-    finish(request, reply);
+    finish(request, response);
 }
 
-/// Answers `request` or abandons it.
-fn finish(request: Request, reply: Reply) {
-    match reply {
-        Reply::Respond(response) => {
-            if let Err(e) = request.respond(response) {
-                tracing::debug!(error = %e, "cannot send API response");
-            }
-        }
-        Reply::Abandon => {
-            tracing::debug!(
-                length = request.body_length(),
-                "abandoning API request with an oversized body"
-            );
-            std::mem::forget(request);
-        }
+fn finish(request: Request, response: ResponseBox) {
+    if let Err(e) = request.respond(response) {
+        tracing::debug!(error = %e, "cannot send API response");
     }
 }
 
@@ -667,6 +656,9 @@ fn route(request: &Request, body: &[u8], shared: &Shared) -> ResponseBox {
 
 fn get_info(shared: &Shared) -> ResponseBox {
     let mut info = shared.state.info.clone();
+    if let (Some(net), Some(error)) = (&mut info.network_driver, &*lock(&shared.network_error)) {
+        net.error = Some(error.clone());
+    }
     if shared.state.driver.is_some() {
         info.port_driver = match shared.with_driver(|driver| driver.info()) {
             Err(response) => return response,
@@ -707,24 +699,26 @@ fn add_port(body: &[u8], shared: &Shared) -> ResponseBox {
 }
 
 /// Reads at most [`MAX_BODY`] bytes of body, whatever the method.
-fn read_body(request: &mut Request) -> Result<Vec<u8>, Reply> {
+///
+/// The gate refuses larger bodies before tiny_http sees them (tiny_http would allocate the
+/// declared remainder to discard it); the checks here only keep this function within the
+/// limit on its own.
+fn read_body(request: &mut Request) -> Result<Vec<u8>, ResponseBox> {
     let too_large = || {
-        Reply::Respond(error_response(
+        error_response(
             413,
             &format!("request body too large (limit {MAX_BODY} bytes)"),
-        ))
+        )
     };
-    match request.body_length() {
-        Some(len) if len > MAX_DISCARD => return Err(Reply::Abandon),
-        Some(len) if len > MAX_BODY => return Err(too_large()),
-        _ => {}
+    if request.body_length().is_some_and(|len| len > MAX_BODY) {
+        return Err(too_large());
     }
 
     let mut body = Vec::new();
     let limit = MAX_BODY as u64 + 1;
     if let Err(e) = request.as_reader().take(limit).read_to_end(&mut body) {
         let message = format!("failed to read request body: {e}");
-        return Err(Reply::Respond(error_response(400, &message)));
+        return Err(error_response(400, &message));
     }
     if body.len() > MAX_BODY {
         return Err(too_large());

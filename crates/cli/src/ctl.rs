@@ -446,6 +446,11 @@ pub fn format_info_text(info: &Info) -> String {
         if let Some(ip) = net.child_ip {
             let _ = writeln!(text, "  - IP: {ip}");
         }
+        // No such line upstream, whose API has no such field: set while rootlesskit stops
+        // because its network is gone.
+        if let Some(error) = &net.error {
+            let _ = writeln!(text, "  - Error: {error}");
+        }
     }
     if let Some(port) = &info.port_driver {
         let _ = writeln!(text, "- Port Driver: {}", port.driver);
@@ -508,6 +513,7 @@ mod tests {
                 dns: vec!["10.0.2.3".parse().unwrap()],
                 child_ip: Some("10.0.2.100".parse().unwrap()),
                 dynamic_child_ip: false,
+                error: None,
             }),
             port_driver: None,
         }
@@ -516,7 +522,7 @@ mod tests {
     struct Fixture {
         _dir: tempfile::TempDir,
         socket: PathBuf,
-        _server: ApiServer,
+        server: ApiServer,
     }
 
     fn serve() -> io::Result<Fixture> {
@@ -530,7 +536,7 @@ mod tests {
         Ok(Fixture {
             _dir: dir,
             socket,
-            _server: server,
+            server,
         })
     }
 
@@ -871,6 +877,31 @@ mod tests {
         assert!(
             text.ends_with("  - Supported protocols: [tcp tcp4 tcp6 udp udp4 udp6]\n"),
             "{text}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn info_shows_a_network_error() -> io::Result<()> {
+        let fx = serve()?;
+        let message = "slirp4netns exited unexpectedly (signal: 9 (SIGKILL))";
+        fx.server.report_network_error(message);
+
+        let (code, out, err) = ctl(Some(&fx.socket), &["info"]);
+        assert_eq!((code, err.as_str()), (0, ""));
+        assert!(
+            out.contains(&format!(
+                "  - IP: 10.0.2.100\n  - Error: {message}\n- Port Driver"
+            )),
+            "{out}"
+        );
+        let (code, out, err) = ctl(Some(&fx.socket), &["info", "--json"]);
+        assert_eq!((code, err.as_str()), (0, ""));
+        assert!(
+            out.contains(&format!(
+                "\"childIP\": \"10.0.2.100\",\n        \"error\": \"{message}\"\n    }}"
+            )),
+            "{out}"
         );
         Ok(())
     }

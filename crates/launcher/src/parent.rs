@@ -261,25 +261,39 @@ impl Session {
     /// Returns once the child has exited (not reaped), or fails once slirp4netns has exited
     /// first and the command has been asked to stop. Returns at once without slirp4netns or
     /// pidfds; the caller then waits for the child.
+    ///
+    /// While the command stops, the API keeps serving (it is shut down in [`Drop`]) and
+    /// `GET /v1/info` reports the failure as `networkDriver.error`.
     fn watch_slirp4netns(&mut self) -> anyhow::Result<()> {
         let (Some(slirp), Some(child)) = (&mut self.slirp, &self.child) else {
             return Ok(());
         };
-        if watch::first_exit(child.id(), slirp.pid()) == watch::First::Child {
+        let child = child.id();
+        if watch::first_exit(child, slirp.pid()) == watch::First::Child {
             return Ok(());
         }
-        let status = slirp.reap();
-        tracing::debug!(?status, "slirp4netns exited while the command ran");
-        // The child forwards SIGTERM to the command; Drop kills whatever is left.
-        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-        if !watch::exited_within_grace(child.id()) {
-            tracing::debug!("command still running after SIGTERM, killing it");
+        let status = slirp
+            .reap()
+            .map_or_else(|e| format!("status unknown: {e}"), |s| s.to_string());
+        let failure = format!("slirp4netns exited unexpectedly ({status})");
+        tracing::warn!(
+            "{failure}; stopping the command (SIGTERM, SIGKILL after {}s)",
+            watch::GRACE.as_secs()
+        );
+        if let Some(api) = &self.api {
+            api.report_network_error(&format!(
+                "{failure}: the namespace has lost its network, rootlesskit is stopping"
+            ));
         }
-        let status = status.map_or_else(|e| format!("status unknown: {e}"), |s| s.to_string());
-        bail!(
-            "slirp4netns exited unexpectedly ({status}): the namespace has lost its network, \
-             so the command was stopped"
-        )
+        // The child forwards SIGTERM to the command; Drop kills whatever is left.
+        let _ = kill(Pid::from_raw(child as i32), Signal::SIGTERM);
+        if !watch::exited_within_grace(child) {
+            tracing::warn!(
+                "the command is still running {}s after SIGTERM, killing it",
+                watch::GRACE.as_secs()
+            );
+        }
+        bail!("{failure}: the namespace has lost its network, so the command was stopped")
     }
 
     /// Re-executes this binary as the child, with the control socket at fd 3 and the builtin
@@ -494,6 +508,7 @@ fn network_info(net: NetworkMode, config: Option<&NetConfig>) -> Option<NetworkD
         dns: config.map(|c| vec![ip(c.dns)]).unwrap_or_default(),
         child_ip: config.map(|c| ip(c.ip)),
         dynamic_child_ip: false,
+        error: None,
     })
 }
 

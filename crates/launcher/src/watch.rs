@@ -5,7 +5,9 @@
 //! nothing. So while the command runs, the parent polls a pidfd (pidfd_open(2), Linux 5.3) of
 //! the child and one of slirp4netns; when slirp4netns exits first, [`Running::wait`] stops the
 //! command (SIGTERM through the child, which forwards it, then SIGKILL after
-//! [`GRACE`]) and returns an error naming slirp4netns and its exit status.
+//! [`GRACE`]) and returns an error naming slirp4netns and its exit status. Meanwhile the
+//! failure is logged and `GET /v1/info` reports it as `networkDriver.error`; the API serves
+//! until the launcher exits.
 //!
 //! On a kernel without pidfds only the child is waited for, as before.
 //!

@@ -74,6 +74,7 @@ pub fn info(dir: &std::path::Path) -> Info {
             dns: vec!["10.0.2.3".parse().unwrap()],
             child_ip: Some("10.0.2.100".parse().unwrap()),
             dynamic_child_ip: false,
+            error: None,
         }),
         port_driver: None,
     }
