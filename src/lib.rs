@@ -325,3 +325,29 @@ pub fn output_within(mut command: Command, limit: Duration) -> Output {
         }
     }
 }
+
+/// What the open descriptors of process `pid` refer to, in every descriptor table it has.
+///
+/// The builtin driver's workers keep their connections in tables of their own (threads named
+/// `rkport-worker-N`), which `/proc/PID/fd` does not list; their `/proc/PID/task/TID/fd` are
+/// read too. A process that has gone yields an empty list.
+pub fn fd_targets(pid: i32) -> Vec<String> {
+    let mut dirs = vec![PathBuf::from(format!("/proc/{pid}/fd"))];
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("rkport-worker") {
+            dirs.push(task.path().join("fd"));
+        }
+    }
+    let mut targets = Vec::new();
+    for dir in dirs {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let target = std::fs::read_link(entry.path()).unwrap_or_default();
+            targets.push(target.to_string_lossy().into_owned());
+        }
+    }
+    targets
+}

@@ -322,11 +322,9 @@ pub fn list_ports(socket: &Path) -> String {
     ctl_ok(socket, &["list-ports", "--json"])
 }
 
-/// The number of open descriptors of `pid`.
+/// The number of open descriptors of `pid`, in all its descriptor tables.
 pub fn fd_count(pid: i32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("read /proc/PID/fd")
-        .count()
+    rkport_e2e::fd_targets(pid).len()
 }
 
 /// The open descriptors of a process: pipes and everything else.
@@ -338,11 +336,9 @@ pub struct FdKinds {
 
 impl FdKinds {
     pub fn of(pid: i32) -> FdKinds {
-        let dir = fs::read_dir(format!("/proc/{pid}/fd")).expect("read /proc/PID/fd");
         let mut kinds = FdKinds { pipes: 0, other: 0 };
-        for entry in dir.flatten() {
-            let target = fs::read_link(entry.path()).unwrap_or_default();
-            match target.to_string_lossy().starts_with("pipe:") {
+        for target in rkport_e2e::fd_targets(pid) {
+            match target.starts_with("pipe:") {
                 true => kinds.pipes += 1,
                 false => kinds.other += 1,
             }

@@ -174,9 +174,9 @@ pub fn short_echo(port: u16, data: &[u8]) -> std::io::Result<u64> {
     Ok(fnv(FNV_INIT, data))
 }
 
-/// Descriptors open in process `pid`.
+/// Descriptors open in process `pid`, in all its descriptor tables.
 pub fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+    rkport_e2e::fd_targets(pid).len()
 }
 
 /// Resident set size of process `pid`, KiB.

@@ -1,12 +1,12 @@
 //! [`BuiltinDriver`]: the parent side, implementing [`PortDriver`].
 //!
 //! Binds listeners synchronously on the API caller's thread (so bind errors reach it), keeps
-//! the port table, and hands sockets to the control loop; removal waits for the control loop
-//! and every worker to close what belonged to the port.
+//! the port table, and hands TCP listeners to every worker and UDP sockets to the control loop;
+//! removal waits for the control loop and every worker to close what belonged to the port.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc::sync_channel;
 use std::sync::{Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -19,7 +19,8 @@ use rkport_core::{
 use socket2::{Domain, Socket, Type};
 
 use crate::control::{self, ControlCmd, ControlTx};
-use crate::worker::{self, WorkerCmd, WorkerTx};
+use crate::wire::{Kind, Request};
+use crate::worker::{self, WorkerHandle};
 use crate::{protos, sys, NAME};
 
 /// UDP sessions end after this long without traffic, as upstream's.
@@ -27,7 +28,8 @@ pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The builtin port driver's parent side.
 ///
-/// Owns one control thread (listeners, helper channel, UDP) and one data-path worker per CPU.
+/// Owns one control thread (the first helper channel, UDP) and one data-path worker per CPU
+/// (at least two), each with a helper channel and a descriptor table of its own.
 /// All methods take `&self` and may be called from any thread.
 #[derive(Debug)]
 pub struct BuiltinDriver {
@@ -39,7 +41,7 @@ struct State {
     table: PortTable<()>,
     /// `None` once shut down.
     control: Option<ControlTx>,
-    workers: Vec<WorkerTx>,
+    workers: Vec<WorkerHandle>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -60,13 +62,13 @@ impl BuiltinDriver {
             workers: Vec::new(),
             threads: Vec::new(),
         };
-        for i in 0..n {
+        for i in 0..n.clamp(2, 64) {
             // On error `state` drops here, stopping the workers already started.
-            let (tx, thread) = worker::spawn(i)?;
-            state.workers.push(tx);
-            state.threads.push(thread);
+            let (ours, helpers) = crate::channel()?;
+            open_channel(&channel, helpers);
+            state.workers.push(worker::spawn(i, ours)?);
         }
-        let (tx, thread) = control::spawn(channel, state.workers.clone(), DEFAULT_UDP_TIMEOUT)?;
+        let (tx, thread) = control::spawn(channel, DEFAULT_UDP_TIMEOUT)?;
         state.control = Some(tx);
         state.threads.push(thread);
         Ok(BuiltinDriver {
@@ -101,8 +103,8 @@ impl State {
         if let Some(control) = self.control.take() {
             control.send(ControlCmd::Stop);
         }
-        for worker in self.workers.drain(..) {
-            worker.send(WorkerCmd::Stop);
+        for mut worker in self.workers.drain(..) {
+            worker.stop();
         }
         for thread in self.threads.drain(..) {
             let _ = thread.join();
@@ -146,11 +148,17 @@ impl PortDriver for BuiltinDriver {
                 socket: mio::net::UdpSocket::from_std(bind(spec, listen)?.into()),
                 target,
             },
-            _ => ControlCmd::AddTcp {
-                id,
-                listener: mio::net::TcpListener::from_std(bind(spec, listen)?.into()),
-                target,
-            },
+            _ => {
+                let listener = bind(spec, listen)?;
+                // Each worker gets a copy; this one closes when the call returns.
+                for worker in &state.workers {
+                    if !worker.add_tcp(id, listener.as_fd(), target) {
+                        tracing::debug!(id, "a worker has stopped, it will not serve the port");
+                    }
+                }
+                tracing::debug!(id, %spec, listen = %listen.addr, %target, "port added");
+                return Ok(state.table.insert(*spec, ()));
+            }
         };
         if !control.send(cmd) {
             return Err(stopped());
@@ -176,19 +184,26 @@ impl PortDriver for BuiltinDriver {
         if control.send(ControlCmd::Remove { id, done }) {
             let _ = wait.recv();
         }
-        let waits: Vec<_> = state
-            .workers
-            .iter()
-            .filter_map(|w| {
-                let (done, wait) = sync_channel(1);
-                w.send(WorkerCmd::Remove { port: id, done }).then_some(wait)
-            })
-            .collect();
-        for wait in waits {
-            let _ = wait.recv();
+        for worker in &state.workers {
+            worker.remove(id);
         }
         tracing::debug!(id, "port removed");
         Ok(())
+    }
+}
+
+/// Hands `helper_end` of a further channel to the helper through `channel`; if that fails,
+/// the worker on the other end sees its channel closed and resets its clients.
+fn open_channel(channel: &OwnedFd, helper_end: OwnedFd) {
+    let unspecified = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+    let req = Request {
+        id: 0,
+        kind: Kind::Channel,
+        target: unspecified,
+    };
+    let sent = sys::send_with_fd(channel.as_fd(), &req.encode(), Some(helper_end.as_fd()));
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, "cannot open a further helper channel");
     }
 }
 

@@ -5,14 +5,21 @@
 //! (no descriptor growth however many connections are forwarded, rootlesskit#156). It never
 //! waits for a TCP handshake: the parent does, in its event loop, so one slow or refused target
 //! delays no other request. It copies no data.
+//!
+//! The parent opens one further channel per data-path worker ([`Kind::Channel`]); each is served
+//! the same way on a thread of its own, until the parent closes it.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use socket2::{Domain, Socket, Type};
 
 use crate::sys;
 use crate::wire::{request_id, Kind, Reply, Request};
+
+/// The most further channels served at once; the parent opens one per worker thread.
+const CHANNELS_MAX: usize = 256;
 
 /// Runs the namespace side on `channel` until the parent end closes.
 ///
@@ -37,7 +44,15 @@ pub fn serve(channel: OwnedFd) -> io::Result<()> {
             tracing::debug!("helper channel closed by the parent");
             return Ok(());
         }
-        // The parent never sends descriptors; any that came are closed here.
+        let kind = Request::decode(&buf[..msg.len]).map(|r| r.kind);
+        if kind == Some(Kind::Channel) {
+            // Gets no reply, well-formed or not: nothing waits for one.
+            if let Some(channel) = channel_end(msg.truncated, msg.fds) {
+                spawn_serve(channel);
+            }
+            continue;
+        }
+        // Only a channel request carries a descriptor; any others are closed here.
         drop(msg.fds);
 
         let reply = answer(&buf[..msg.len], msg.truncated);
@@ -54,6 +69,40 @@ pub fn serve(channel: OwnedFd) -> io::Result<()> {
             Err(e) => return Err(e),
         }
         // `fd` drops here: the parent holds the only copy from now on.
+    }
+}
+
+/// The channel end attached to a [`Kind::Channel`] request: exactly one unix `SOCK_SEQPACKET`
+/// socket, or nothing.
+fn channel_end(truncated: bool, mut fds: Vec<OwnedFd>) -> Option<OwnedFd> {
+    let fd = fds.pop().filter(|fd| {
+        !truncated && fds.is_empty() && sys::is_socket_of(fd.as_fd(), Domain::UNIX, Type::SEQPACKET)
+    });
+    if fd.is_none() {
+        tracing::debug!("channel request without a usable channel");
+    }
+    fd
+}
+
+/// Serves `channel` on a new thread, within [`CHANNELS_MAX`].
+fn spawn_serve(channel: OwnedFd) {
+    static SERVING: AtomicUsize = AtomicUsize::new(0);
+    if SERVING.fetch_add(1, Ordering::Relaxed) >= CHANNELS_MAX {
+        SERVING.fetch_sub(1, Ordering::Relaxed);
+        return tracing::debug!("too many helper channels, closing a new one");
+    }
+    let spawned = std::thread::Builder::new()
+        .name("rkport-helper".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            if let Err(e) = serve(channel) {
+                tracing::debug!(error = %e, "helper channel failed");
+            }
+            SERVING.fetch_sub(1, Ordering::Relaxed);
+        });
+    if let Err(e) = spawned {
+        SERVING.fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!(error = %e, "cannot serve a further helper channel");
     }
 }
 
@@ -99,6 +148,7 @@ fn open(req: &Request) -> io::Result<OwnedFd> {
     let ty = match req.kind {
         Kind::Tcp => Type::STREAM,
         Kind::Udp => Type::DGRAM,
+        Kind::Channel => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
     };
     let sock = Socket::new(domain, ty.nonblocking(), None)?;
     match req.kind {
@@ -107,6 +157,7 @@ fn open(req: &Request) -> io::Result<OwnedFd> {
             let _ = sock.set_tcp_nodelay(true);
         }
         Kind::Udp => sys::grow_socket_buffers(&sock),
+        Kind::Channel => {}
     }
     match sock.connect(&req.target.into()) {
         Ok(()) => {}

@@ -195,3 +195,125 @@ pub fn grow_socket_buffers(sock: &socket2::Socket) {
         }
     }
 }
+
+/// Gives the calling thread a descriptor table of its own (`unshare(CLONE_FILES)`) holding only
+/// the standard streams and `keep`: whatever the process had open is closed in the copy.
+///
+/// `RLIMIT_NOFILE` bounds the descriptor numbers of each table, not of the process, so every
+/// worker can hold as many connections as the limit allows. Returns false, changing nothing,
+/// when the kernel refuses to unshare.
+pub fn private_fd_table(keep: &[RawFd]) -> bool {
+    if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_FILES) {
+        tracing::debug!(error = %e, "cannot unshare the descriptor table, sharing it");
+        return false;
+    }
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|fd| *fd > 2).collect();
+    keep.sort_unstable();
+    let mut first: RawFd = 3;
+    for fd in keep.into_iter().chain([RawFd::MAX]) {
+        if fd > first {
+            close_range(first, fd - 1);
+        }
+        first = fd.saturating_add(1);
+    }
+    true
+}
+
+/// Closes descriptors `first..=last` of this thread's table.
+fn close_range(first: RawFd, last: RawFd) {
+    // SAFETY: close_range(2) takes plain integers; the descriptors closed belong to the copy
+    // of the table this thread has just made its own, and nothing in it refers to them.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0u32) };
+    if rc == 0 {
+        return;
+    }
+    // Kernels before 5.9: close what the table holds, one by one.
+    let open: Vec<RawFd> = std::fs::read_dir("/proc/thread-self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| (first..=last).contains(fd))
+        .collect();
+    for fd in open {
+        // SAFETY: as above; a descriptor of the directory listing itself is already closed
+        // and yields EBADF, which is harmless.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Watches `fd` for readability in the epoll instance `epfd`, level-triggered and with
+/// `EPOLLEXCLUSIVE`: of the workers watching one listener, one is woken per connection, not all.
+pub fn epoll_add_exclusive(epfd: RawFd, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+    let mut event = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+        u64: token,
+    };
+    // SAFETY: plain integers and a valid epoll_event; a stale `epfd` only yields EBADF.
+    let rc = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut event) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Stops watching `fd` in `epfd`. Needed before closing a descriptor whose socket stays open
+/// elsewhere: epoll watches the socket, not the descriptor.
+pub fn epoll_del(epfd: RawFd, fd: BorrowedFd<'_>) {
+    // SAFETY: plain integers; DEL ignores the event argument.
+    let rc = unsafe {
+        libc::epoll_ctl(
+            epfd,
+            libc::EPOLL_CTL_DEL,
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+        )
+    };
+    if rc != 0 {
+        tracing::trace!(error = %io::Error::last_os_error(), "epoll_ctl DEL failed");
+    }
+}
+
+/// Starts thread `name` with a descriptor table of its own (see [`private_fd_table`]) that
+/// holds `fds`, and runs `f` there with ownership of them. The calling thread's copies are
+/// closed. Where the kernel refuses a private table, the thread shares the process's and `fds`
+/// simply move to it.
+///
+/// # Errors
+/// The thread could not be spawned; `fds` are closed.
+pub fn spawn_with_own_fds<F>(
+    name: String,
+    fds: Vec<OwnedFd>,
+    f: F,
+) -> io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce(Vec<OwnedFd>) + Send + 'static,
+{
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new().name(name).spawn(move || {
+        let private = private_fd_table(&raw);
+        if tx.send(private).is_err() {
+            return;
+        }
+        let owned = raw
+            .iter()
+            // SAFETY: with a private table, these numbers are this table's copies, which
+            // nothing else in it refers to (the spawning thread closes its own copies); with a
+            // shared table, the spawning thread gives up its `OwnedFd`s without closing them.
+            // Either way this thread is their only owner from here on.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) })
+            .collect();
+        f(owned);
+    })?;
+    match rx.recv() {
+        Ok(true) | Err(_) => drop(fds),
+        Ok(false) => {
+            for fd in fds {
+                let _ = std::os::fd::IntoRawFd::into_raw_fd(fd);
+            }
+        }
+    }
+    Ok(thread)
+}

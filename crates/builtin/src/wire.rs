@@ -3,8 +3,12 @@
 //! The parent sends a [`Request`] (32 bytes) per socket it wants opened inside the namespace;
 //! the helper answers each with a [`Reply`] (16 bytes) carrying the same id, and, when the
 //! reply's errno is 0, exactly one descriptor as `SCM_RIGHTS`. Requests may be pipelined; the
-//! helper answers them in order, but the parent matches replies by id only. Nothing here does
-//! I/O.
+//! helper answers them in order, but the parent matches replies by id only.
+//!
+//! A [`Kind::Channel`] request is the exception: it carries one end of a further channel as
+//! `SCM_RIGHTS` (its target is unused), gets no reply, and the helper serves the new channel
+//! alongside the first, so that each data-path worker of the parent has a channel of its own.
+//! Nothing here does I/O.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -20,6 +24,8 @@ pub enum Kind {
     Tcp = 1,
     /// A UDP socket connected to the target.
     Udp = 2,
+    /// Serve the channel end attached to this request too; no reply.
+    Channel = 3,
 }
 
 /// Ask the helper for a socket connected (or connecting) to `target` inside the namespace.
@@ -64,6 +70,7 @@ impl Request {
         let kind = match b[8] {
             1 => Kind::Tcp,
             2 => Kind::Udp,
+            3 => Kind::Channel,
             _ => return None,
         };
         let port = u16::from_le_bytes([b[10], b[11]]);

@@ -1,101 +1,153 @@
-//! Data-path workers: each runs a mio event loop that copies the bytes of its TCP connections.
+//! Data-path workers: each runs a mio event loop that accepts, dials and forwards its own TCP
+//! connections.
 //!
-//! A worker receives connection pairs (the accepted client, the socket the helper opened
-//! inside) from the control loop, waits for the inner connect to finish, then moves bytes both
-//! ways with splice(2) through one pipe per direction, so payload never enters user space.
-//! Half-close is propagated: when a direction reads end of file and its pipe is drained, the
-//! other socket is shut down for writing; the pair closes once both directions have ended. An
-//! error on either side resets both. Workers never block and own no listener.
+//! Every worker watches every TCP listener (with `EPOLLEXCLUSIVE`, so that one worker rather
+//! than all is woken per connection), accepts, asks the helper for the inner socket on a channel
+//! of its own (requests pipelined, replies matched by id), checks what comes back, and moves
+//! bytes both ways with splice(2), so payload never enters user space. A connection stays on
+//! the thread that accepted it: no hand-over between threads on the hot path.
+//!
+//! A direction borrows a pipe from the worker's pool only while bytes wait in it, so idle
+//! connections hold no pipe; a direction that has proved to be a bulk transfer keeps its
+//! (grown) pipe. Half-close is propagated: when a direction reads end of file and its pipe is
+//! drained, the other socket is shut down for writing; the pair closes once both directions
+//! have ended. An error on either side resets both. Workers never block.
+//!
+//! Each worker has a descriptor table of its own ([`sys::spawn_with_own_fds`]): its listeners,
+//! connections and pipes are listed under `/proc/PID/task/TID/fd` of the worker thread, not
+//! under `/proc/PID/fd`, and `RLIMIT_NOFILE` applies to each table separately, so the workers
+//! together hold as many connections as the limit allows each. The driver talks to a worker
+//! over a `SOCK_SEQPACKET` pair ([`WorkerHandle`]), the one way to hand it a listener.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::Shutdown;
-use std::os::fd::OwnedFd;
-use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
-use std::sync::Arc;
+use std::net::{Ipv4Addr, Shutdown, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
 use rkport_core::PortId;
+use socket2::{Domain, Type};
 
 use crate::sys::{self, Pipe};
+use crate::wire::{Kind, Reply, Request, REQUEST_LEN};
 
 /// Capacity asked for the pipe of a bulk direction, and the most bytes moved by one splice.
 const PIPE_SIZE: usize = 256 * 1024;
-/// Bytes a direction moves before its pipe grows to `PIPE_SIZE`. Short exchanges keep the
-/// default 64 KiB pipe: pipe capacity counts against a per-user budget
-/// (`/proc/sys/fs/pipe-user-pages-soft`), past which new pipes shrink to a page.
+/// Bytes a direction moves before it counts as bulk: it keeps its pipe from then on and grows
+/// it to `PIPE_SIZE`. Short exchanges use default 64 KiB pipes: pipe capacity counts against a
+/// per-user budget (`/proc/sys/fs/pipe-user-pages-soft`), past which new pipes shrink to a page.
 const GROW_AFTER: usize = 1024 * 1024;
 /// Splice calls per direction before a busy pair yields to the others.
 const BUDGET: usize = 32;
 /// Empty pipes kept for reuse by a worker.
 const POOL_MAX: usize = 16;
-const WAKER: Token = Token(0);
+/// Connections accepted from one listener per wake-up; the listener is level-triggered, so
+/// the rest are taken on the next round, after the other sources had their turn.
+const ACCEPT_BATCH: usize = 64;
+/// How long a listener rests after a resource error on accept (EMFILE and the like).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(75);
 
-/// What the control loop and the driver ask of a worker.
+const CMD: Token = Token(0);
+const CHANNEL: Token = Token(1);
+/// Listener tokens: this bit and the port id. Pair slot `i` uses `2i + 2` (client) and
+/// `2i + 3` (inner socket).
+const LISTENER: usize = 1 << (usize::BITS - 1);
+
+/// Command codes on the driver's pair, each followed by an encoded [`Request`] naming the port
+/// (as its id) and, for an addition, the target.
+const OP_ADD_TCP: u8 = 1;
+const OP_REMOVE: u8 = 2;
+const CMD_LEN: usize = 1 + REQUEST_LEN;
+
+/// The driver's side of a worker: its command pair and its thread.
 #[derive(Debug)]
-pub(crate) enum WorkerCmd {
-    /// Forward between `client` and `inner` (whose connect may still be in progress).
-    Conn {
+pub(crate) struct WorkerHandle {
+    cmd: OwnedFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Has the worker serve `listener` (a copy goes to the worker) for port `port`; returns
+    /// once it does, false when the worker has stopped.
+    pub fn add_tcp(&self, port: PortId, listener: BorrowedFd<'_>, target: SocketAddr) -> bool {
+        self.command(OP_ADD_TCP, port, target, Some(listener))
+    }
+
+    /// Has the worker close port `port`: its listener copy, pending dials and connections;
+    /// returns once it has (or has stopped).
+    pub fn remove(&self, port: PortId) {
+        let unspecified = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+        self.command(OP_REMOVE, port, unspecified, None);
+    }
+
+    /// Sends a command and waits for the worker's acknowledgement.
+    fn command(
+        &self,
+        op: u8,
         port: PortId,
-        client: TcpStream,
-        inner: OwnedFd,
-    },
-    /// Close every connection of `port`, then signal `done`.
-    Remove { port: PortId, done: SyncSender<()> },
-    /// Close everything and end the thread.
-    Stop,
-}
-
-/// The sending side of a worker's command queue.
-#[derive(Debug, Clone)]
-pub(crate) struct WorkerTx {
-    tx: Sender<WorkerCmd>,
-    waker: Arc<Waker>,
-}
-
-impl WorkerTx {
-    /// Queues `cmd` and wakes the worker; false when the worker has stopped.
-    pub fn send(&self, cmd: WorkerCmd) -> bool {
-        self.queue(cmd) && self.wake()
+        target: SocketAddr,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> bool {
+        let mut msg = [0u8; CMD_LEN];
+        msg[0] = op;
+        let req = Request {
+            id: port as u64,
+            kind: Kind::Tcp,
+            target,
+        };
+        msg[1..].copy_from_slice(&req.encode());
+        if sys::send_with_fd(self.cmd.as_fd(), &msg, fd).is_err() {
+            return false;
+        }
+        // A closed pair (the worker has stopped) reads as end of file.
+        let mut ack = [0u8; 1];
+        matches!(sys::recv_with_fds(self.cmd.as_fd(), &mut ack), Ok(r) if r.len == 1)
     }
 
-    /// Queues `cmd` without waking the worker; call [`WorkerTx::wake`] after a batch.
-    pub fn queue(&self, cmd: WorkerCmd) -> bool {
-        self.tx.send(cmd).is_ok()
-    }
-
-    /// Wakes the worker to apply what was queued; false when the worker has stopped.
-    pub fn wake(&self) -> bool {
-        self.waker.wake().is_ok()
+    /// Ends the worker, closing everything it holds, and waits for its thread.
+    pub fn stop(&mut self) {
+        let _ = socket2::SockRef::from(&self.cmd).shutdown(Shutdown::Both);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
-/// Starts worker thread number `n`.
-pub(crate) fn spawn(n: usize) -> io::Result<(WorkerTx, JoinHandle<()>)> {
-    let poll = Poll::new()?;
-    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let worker = Worker {
-        poll,
-        _waker: waker.clone(),
-        rx,
-        pairs: Vec::new(),
-        free: Vec::new(),
-        pool: Vec::new(),
-        again: VecDeque::new(),
-    };
-    let thread = std::thread::Builder::new()
-        .name(format!("rkport-builtin-{n}"))
-        .spawn(move || worker.run())?;
-    Ok((WorkerTx { tx, waker }, thread))
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts worker number `n`, asking for inner sockets on `channel` (a helper channel of its
+/// own).
+pub(crate) fn spawn(n: usize, channel: OwnedFd) -> io::Result<WorkerHandle> {
+    let (cmd, theirs) = crate::channel()?;
+    let thread = sys::spawn_with_own_fds(format!("rkport-worker-{n}"), vec![theirs, channel], {
+        move |mut fds| {
+            let (Some(channel), Some(cmd)) = (fds.pop(), fds.pop()) else {
+                return;
+            };
+            match Worker::new(cmd, channel) {
+                Ok(worker) => worker.run(),
+                Err(e) => tracing::debug!(error = %e, "cannot start a forwarding worker"),
+            }
+        }
+    })?;
+    Ok(WorkerHandle {
+        cmd,
+        thread: Some(thread),
+    })
 }
 
 /// One direction of a pair: bytes read from one socket, waiting in `pipe` for the other.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Flow {
+    /// Borrowed from the pool while bytes wait in it; kept once the direction is bulk.
     pipe: Option<Pipe>,
     buffered: usize,
     /// Bytes moved so far, up to `GROW_AFTER`.
@@ -133,28 +185,90 @@ enum Pumped {
     Done,
 }
 
+/// A published TCP port as a worker serves it.
+#[derive(Debug)]
+struct Listener {
+    socket: TcpListener,
+    target: SocketAddr,
+}
+
+/// An accepted client waiting for the helper's socket.
+#[derive(Debug)]
+struct Dial {
+    port: PortId,
+    client: TcpStream,
+    target: SocketAddr,
+}
+
 #[derive(Debug)]
 struct Worker {
     poll: Poll,
-    /// Kept here too: closing the eventfd while a wake-up is pending would lose it.
-    _waker: Arc<Waker>,
-    rx: Receiver<WorkerCmd>,
+    cmd: OwnedFd,
+    /// This worker's helper channel; `None` once the helper has gone.
+    channel: Option<OwnedFd>,
+    /// Encoded requests the channel could not take yet.
+    outbox: VecDeque<[u8; REQUEST_LEN]>,
+    pending: HashMap<u64, Dial>,
+    next_request: u64,
+    listeners: HashMap<PortId, Listener>,
+    /// Listeners resting after an accept error, with the time to resume.
+    backoff: Vec<(Instant, PortId)>,
+    /// When to try the channel again after a transient error (ENOBUFS, ENOMEM).
+    channel_retry: Option<Instant>,
     pairs: Vec<Option<Pair>>,
     free: Vec<usize>,
     pool: Vec<Pipe>,
     again: VecDeque<usize>,
 }
 
-/// Slot `i` registers its client as token `2i + 1` and its inner socket as `2i + 2`.
+/// The pair slot of a connection token.
 fn slot_of(token: Token) -> usize {
-    (token.0 - 1) / 2
+    (token.0 - 2) / 2
+}
+
+fn client_token(slot: usize) -> Token {
+    Token(2 * slot + 2)
+}
+
+fn inner_token(slot: usize) -> Token {
+    Token(2 * slot + 3)
 }
 
 impl Worker {
+    fn new(cmd: OwnedFd, channel: OwnedFd) -> io::Result<Worker> {
+        let poll = Poll::new()?;
+        let both = Interest::READABLE | Interest::WRITABLE;
+        for (fd, token, interest) in [(&cmd, CMD, Interest::READABLE), (&channel, CHANNEL, both)] {
+            socket2::SockRef::from(fd).set_nonblocking(true)?;
+            poll.registry()
+                .register(&mut SourceFd(&fd.as_raw_fd()), token, interest)?;
+        }
+        Ok(Worker {
+            poll,
+            cmd,
+            channel: Some(channel),
+            outbox: VecDeque::new(),
+            pending: HashMap::new(),
+            next_request: 1,
+            listeners: HashMap::new(),
+            backoff: Vec::new(),
+            channel_retry: None,
+            pairs: Vec::new(),
+            free: Vec::new(),
+            pool: Vec::new(),
+            again: VecDeque::new(),
+        })
+    }
+
     fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = (!self.again.is_empty()).then_some(Duration::ZERO);
+            let timeout = if self.again.is_empty() {
+                self.next_deadline()
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -162,20 +276,34 @@ impl Worker {
                 tracing::debug!(error = %e, "worker poll failed, closing its connections");
                 return;
             }
+            if !self.backoff.is_empty() || self.channel_retry.is_some() {
+                self.timers(Instant::now());
+            }
 
+            let mut replies = false;
             for event in events.iter() {
-                if event.token() == WAKER {
-                    if !self.commands() {
-                        return;
+                match event.token() {
+                    CMD => {
+                        if !self.commands() {
+                            return;
+                        }
                     }
-                } else {
-                    let hint = Hint {
-                        inner: event.token().0 % 2 == 0,
-                        writable: event.is_writable(),
-                        failed: event.is_error() || event.is_read_closed(),
-                    };
-                    self.service(slot_of(event.token()), Some(hint));
+                    CHANNEL => replies = true,
+                    Token(t) if t & LISTENER != 0 => self.accept((t & !LISTENER) as PortId),
+                    token => {
+                        let hint = Hint {
+                            inner: token.0 % 2 == 1,
+                            writable: event.is_writable(),
+                            failed: event.is_error() || event.is_read_closed(),
+                        };
+                        self.service(slot_of(token), Some(hint));
+                    }
                 }
+            }
+            // After the accepts of this round, so that their requests go out in one go.
+            self.flush();
+            if replies {
+                self.receive();
             }
             for _ in 0..self.again.len() {
                 if let Some(slot) = self.again.pop_front() {
@@ -188,39 +316,260 @@ impl Worker {
         }
     }
 
-    /// Applies queued commands; false when the worker must stop.
+    /// The earliest timer: a listener to resume or the channel to retry.
+    fn next_deadline(&self) -> Option<Instant> {
+        let resume = self.backoff.iter().map(|(t, _)| *t);
+        resume.chain(self.channel_retry).min()
+    }
+
+    fn timers(&mut self, now: Instant) {
+        let (due, rest) = std::mem::take(&mut self.backoff)
+            .into_iter()
+            .partition(|(t, _)| *t <= now);
+        self.backoff = rest;
+        for (_, id) in due {
+            self.resume_listener(id);
+        }
+        if self.channel_retry.is_some_and(|t| t <= now) {
+            self.channel_retry = None;
+            self.channel_ready();
+        }
+    }
+
+    /// Applies the driver's commands; false when the worker must stop (the driver closed its
+    /// end).
     fn commands(&mut self) -> bool {
+        let mut buf = [0u8; CMD_LEN + 1];
         loop {
-            match self.rx.try_recv() {
-                Ok(WorkerCmd::Conn {
-                    port,
-                    client,
-                    inner,
-                }) => self.add(port, client, inner),
-                Ok(WorkerCmd::Remove { port, done }) => {
-                    self.close_port(port);
-                    let _ = done.send(());
+            let msg = match sys::recv_with_fds(self.cmd.as_fd(), &mut buf) {
+                Ok(msg) => msg,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "worker command pair failed");
+                    return false;
                 }
-                Ok(WorkerCmd::Stop) | Err(TryRecvError::Disconnected) => return false,
-                Err(TryRecvError::Empty) => return true,
+            };
+            if msg.len == 0 && msg.fds.is_empty() {
+                return false;
+            }
+            let req = (msg.len == CMD_LEN && !msg.truncated)
+                .then(|| Request::decode(&buf[1..CMD_LEN]))
+                .flatten();
+            let Some(req) = req else {
+                tracing::debug!(len = msg.len, "malformed worker command");
+                let _ = sys::send_with_fd(self.cmd.as_fd(), &[0], None);
+                continue;
+            };
+            match (buf[0], msg.fds.into_iter().next()) {
+                (OP_ADD_TCP, Some(fd)) => self.add_listener(req.id as PortId, fd, req.target),
+                (OP_REMOVE, _) => self.close_port(req.id as PortId),
+                (op, _) => tracing::debug!(op, "unknown worker command"),
+            }
+            // The driver waits for this; the pair's buffer always has room for one byte.
+            let _ = sys::send_with_fd(self.cmd.as_fd(), &[1], None);
+        }
+    }
+
+    fn add_listener(&mut self, id: PortId, fd: OwnedFd, target: SocketAddr) {
+        let socket = TcpListener::from_std(std::net::TcpListener::from(fd));
+        self.listeners.insert(id, Listener { socket, target });
+        self.resume_listener(id);
+    }
+
+    /// Starts watching the listener of port `id` again (or for the first time).
+    fn resume_listener(&mut self, id: PortId) {
+        let Some(listener) = self.listeners.get(&id) else {
+            return;
+        };
+        let token = (LISTENER | id as usize) as u64;
+        let watched =
+            sys::epoll_add_exclusive(self.poll.as_raw_fd(), listener.socket.as_fd(), token);
+        if let Err(e) = watched {
+            // Retried by the backoff timer: the port stays listed and starts serving then.
+            tracing::debug!(port = id, error = %e, "cannot watch listener, retrying");
+            self.backoff.push((Instant::now() + ACCEPT_BACKOFF, id));
+        }
+    }
+
+    /// Stops watching a listener for a while after an accept error.
+    ///
+    /// EMFILE, ENFILE, ENOBUFS, ENOMEM and ECONNABORTED pass; treating them as fatal is what
+    /// left published ports dead in rootlesskit#536. The port stays listed and resumes.
+    fn pause_listener(&mut self, id: PortId, error: io::Error) {
+        tracing::debug!(port = id, %error, "accept failed, pausing the listener");
+        if let Some(listener) = self.listeners.get(&id) {
+            sys::epoll_del(self.poll.as_raw_fd(), listener.socket.as_fd());
+            self.backoff.push((Instant::now() + ACCEPT_BACKOFF, id));
+        }
+    }
+
+    /// Accepts up to [`ACCEPT_BATCH`] waiting connections of port `id` and asks the helper for
+    /// their inner sockets.
+    fn accept(&mut self, id: PortId) {
+        for _ in 0..ACCEPT_BATCH {
+            let Some(listener) = self.listeners.get(&id) else {
+                return;
+            };
+            let target = listener.target;
+            match listener.socket.accept() {
+                Ok((client, _)) => self.request(Dial {
+                    port: id,
+                    client,
+                    target,
+                }),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.pause_listener(id, e),
             }
         }
     }
 
+    /// Queues a request for the inner socket of `dial`; sent by [`Worker::channel_ready`].
+    fn request(&mut self, dial: Dial) {
+        if self.channel.is_none() {
+            tracing::debug!(port = dial.port, "helper is gone, dropping connection");
+            return reset(&dial.client);
+        }
+        let id = self.next_request;
+        self.next_request += 1;
+        let target = dial.target;
+        self.pending.insert(id, dial);
+        self.outbox.push_back(
+            Request {
+                id,
+                kind: Kind::Tcp,
+                target,
+            }
+            .encode(),
+        );
+    }
+
+    /// Sends what waits in the outbox and takes the helper's replies.
+    fn channel_ready(&mut self) {
+        self.flush();
+        self.receive();
+    }
+
+    /// Writes queued requests until the channel would block.
+    fn flush(&mut self) {
+        while let Some(msg) = self.outbox.front() {
+            let Some(channel) = &self.channel else { return };
+            match sys::send_with_fd(channel.as_fd(), msg, None) {
+                Ok(()) => {
+                    self.outbox.pop_front();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => return self.channel_error(e),
+            }
+        }
+    }
+
+    fn receive(&mut self) {
+        let mut buf = [0u8; 64];
+        // Read until EAGAIN even with no request left unanswered: a helper that misbehaves
+        // may have sent more than asked, and what it sent would otherwise wait in the channel,
+        // holding its descriptors, until the next reply.
+        while let Some(channel) = &self.channel {
+            match sys::recv_with_fds(channel.as_fd(), &mut buf) {
+                Ok(msg) if msg.len == 0 && msg.fds.is_empty() => {
+                    return self.lose_channel(io::ErrorKind::UnexpectedEof.into())
+                }
+                Ok(msg) => self.reply(&buf[..msg.len], msg.fds, msg.truncated),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => return self.channel_error(e),
+            }
+        }
+    }
+
+    /// Retries the channel a little later after a shortage of kernel memory; any other error
+    /// means the helper is gone.
+    fn channel_error(&mut self, error: io::Error) {
+        match error.raw_os_error() {
+            Some(libc::ENOBUFS | libc::ENOMEM) => {
+                tracing::debug!(%error, "helper channel busy, retrying");
+                self.channel_retry = Some(Instant::now() + ACCEPT_BACKOFF);
+            }
+            _ => self.lose_channel(error),
+        }
+    }
+
+    /// The helper is gone: every waiting connection fails, and so will new ones.
+    fn lose_channel(&mut self, error: io::Error) {
+        tracing::debug!(%error, "helper channel closed");
+        if let Some(channel) = self.channel.take() {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&channel.as_raw_fd()));
+        }
+        self.outbox.clear();
+        for (_, dial) in self.pending.drain() {
+            reset(&dial.client);
+        }
+    }
+
+    /// Checks one reply and completes its request.
+    ///
+    /// Anything that is not a well-formed reply to a pending request, with exactly one TCP
+    /// socket of the target's domain on success, is dropped: the helper runs inside the
+    /// namespace, where the contained program may have tampered with it.
+    ///
+    /// A reply whose descriptor could not be installed (`MSG_CTRUNC`, e.g. at the descriptor
+    /// limit) fails its request, so that the client is closed rather than left waiting.
+    fn reply(&mut self, msg: &[u8], mut fds: Vec<OwnedFd>, truncated: bool) {
+        let Some(reply) = Reply::decode(msg) else {
+            return tracing::debug!(len = msg.len(), "malformed reply from helper");
+        };
+        let Some(dial) = self.pending.remove(&reply.id) else {
+            return tracing::debug!(id = reply.id, "reply to no pending request");
+        };
+        if truncated {
+            tracing::debug!(
+                id = reply.id,
+                port = dial.port,
+                "reply truncated, socket lost"
+            );
+            return reset(&dial.client);
+        }
+        if reply.errno != 0 {
+            let error = io::Error::from_raw_os_error(reply.errno);
+            tracing::debug!(id = reply.id, port = dial.port, %error, "helper could not dial");
+            return reset(&dial.client);
+        }
+        let domain = Domain::for_address(dial.target);
+        let fd = fds
+            .pop()
+            .filter(|fd| fds.is_empty() && sys::is_socket_of(fd.as_fd(), domain, Type::STREAM));
+        match fd {
+            Some(fd) => self.add(dial.port, dial.client, fd),
+            None => {
+                tracing::debug!(id = reply.id, "reply without a usable socket");
+                reset(&dial.client);
+            }
+        }
+    }
+
+    /// Starts forwarding between `client` and `inner` (whose connect may still be in progress).
     fn add(&mut self, port: PortId, client: TcpStream, inner: OwnedFd) {
         let inner = std::net::TcpStream::from(inner);
+        // The helper made it non-blocking, but a tampered one might not have.
         if let Err(e) = inner.set_nonblocking(true) {
             tracing::debug!(port, error = %e, "cannot use the inner socket");
             return reset(&client);
         }
-        let pair = match self.new_pair(port, client, TcpStream::from_std(inner)) {
-            Ok(pair) => pair,
-            Err((client, e)) => {
-                tracing::debug!(port, error = %e, "cannot set up a forwarded connection");
-                return reset(&client);
-            }
+        // TCP_NODELAY (as Go sets on every connection) is inherited by `client` from its
+        // listener and set on `inner` by the helper.
+        let pair = Pair {
+            port,
+            client,
+            inner: TcpStream::from_std(inner),
+            connected: false,
+            client_w: false,
+            inner_w: true,
+            queued: false,
+            up: Flow::default(),
+            down: Flow::default(),
         };
-
         let slot = self.free.pop().unwrap_or_else(|| {
             self.pairs.push(None);
             self.pairs.len() - 1
@@ -231,46 +580,11 @@ impl Worker {
         let both = Interest::READABLE | Interest::WRITABLE;
         let registry = self.poll.registry();
         let registered = registry
-            .register(&mut pair.client, Token(2 * slot + 1), Interest::READABLE)
-            .and_then(|()| registry.register(&mut pair.inner, Token(2 * slot + 2), both));
+            .register(&mut pair.client, client_token(slot), Interest::READABLE)
+            .and_then(|()| registry.register(&mut pair.inner, inner_token(slot), both));
         if let Err(e) = registered {
             tracing::debug!(port, error = %e, "cannot watch a forwarded connection");
             self.close(slot, true);
-        }
-    }
-
-    /// Builds a pair with a pipe per direction, handing the client back on failure.
-    fn new_pair(
-        &mut self,
-        port: PortId,
-        client: TcpStream,
-        inner: TcpStream,
-    ) -> Result<Pair, (TcpStream, io::Error)> {
-        let up = self.pipe();
-        let down = self.pipe();
-        let (up, down) = match (up, down) {
-            (Ok(up), Ok(down)) => (up, down),
-            (Err(e), _) | (_, Err(e)) => return Err((client, e)),
-        };
-        // TCP_NODELAY (as Go sets on every connection) is inherited by `client` from its
-        // listener and set on `inner` by the helper.
-        Ok(Pair {
-            port,
-            client,
-            inner,
-            connected: false,
-            client_w: false,
-            inner_w: true,
-            queued: false,
-            up: Flow::new(up),
-            down: Flow::new(down),
-        })
-    }
-
-    fn pipe(&mut self) -> io::Result<Pipe> {
-        match self.pool.pop() {
-            Some(pipe) => Ok(pipe),
-            None => Pipe::new(),
         }
     }
 
@@ -294,7 +608,7 @@ impl Worker {
             }
         }
 
-        let pumped = pair.pump();
+        let pumped = pair.pump(&mut self.pool);
         let open = matches!(pumped, Ok(Pumped::Idle | Pumped::Busy));
         let watched = match open {
             true => pair.watch_writable(&self.poll, slot, spurious),
@@ -305,7 +619,7 @@ impl Worker {
             return self.close(slot, true);
         }
         match pumped {
-            Ok(Pumped::Idle) => self.recycle(slot),
+            Ok(Pumped::Idle) => {}
             Ok(Pumped::Busy) if !pair.queued => {
                 pair.queued = true;
                 self.again.push_back(slot);
@@ -319,46 +633,46 @@ impl Worker {
         }
     }
 
-    /// Takes back the pipes of directions that have ended, for later pairs.
-    fn recycle(&mut self, slot: usize) {
-        let Some(Some(pair)) = self.pairs.get_mut(slot) else {
-            return;
-        };
-        for flow in [&mut pair.up, &mut pair.down] {
-            if flow.shut && self.pool.len() < POOL_MAX {
-                if let Some(pipe) = flow.pipe.take() {
-                    self.pool.push(pipe);
-                }
-            }
-        }
-    }
-
     /// Closes slot `slot`, resetting both sockets when `abort`.
     fn close(&mut self, slot: usize, abort: bool) {
         let Some(pair) = self.pairs.get_mut(slot).and_then(Option::take) else {
             return;
         };
-        // Closing the sockets below removes them from the poll; no deregister needed.
+        // Closing the sockets below removes them from the poll (they live in this table
+        // only); no deregister needed.
         if abort {
             reset(&pair.client);
             reset(&pair.inner);
         }
         for flow in [pair.up, pair.down] {
             if let Some(pipe) = flow.pipe.filter(|_| flow.buffered == 0) {
-                if self.pool.len() < POOL_MAX {
-                    self.pool.push(pipe);
-                }
+                give_back(&mut self.pool, pipe);
             }
         }
         self.free.push(slot);
     }
 
-    fn close_port(&mut self, port: PortId) {
+    /// Closes port `id`: this worker's copy of its listener, its pending dials and its
+    /// connections.
+    fn close_port(&mut self, id: PortId) {
+        if let Some(listener) = self.listeners.remove(&id) {
+            // The listening socket stays open until every worker has closed its copy.
+            sys::epoll_del(self.poll.as_raw_fd(), listener.socket.as_fd());
+        }
+        self.backoff.retain(|(_, p)| *p != id);
+        self.pending.retain(|_, dial| dial.port != id);
         for slot in 0..self.pairs.len() {
-            if matches!(&self.pairs[slot], Some(pair) if pair.port == port) {
+            if matches!(&self.pairs[slot], Some(pair) if pair.port == id) {
                 self.close(slot, false);
             }
         }
+    }
+}
+
+/// Puts an empty pipe back in the pool, or closes it when the pool is full.
+fn give_back(pool: &mut Vec<Pipe>, pipe: Pipe) {
+    if pool.len() < POOL_MAX {
+        pool.push(pipe);
     }
 }
 
@@ -415,23 +729,23 @@ impl Pair {
             } else {
                 Interest::READABLE
             };
-            registry.reregister(&mut self.client, Token(2 * slot + 1), interest)?;
+            registry.reregister(&mut self.client, client_token(slot), interest)?;
             self.client_w = want_client;
         }
         let want_inner = self.up.buffered > 0;
         let woke_inner = matches!(spurious, Some(h) if h.inner);
         if want_inner != self.inner_w && (want_inner || woke_inner) {
             let interest = if want_inner { both } else { Interest::READABLE };
-            registry.reregister(&mut self.inner, Token(2 * slot + 2), interest)?;
+            registry.reregister(&mut self.inner, inner_token(slot), interest)?;
             self.inner_w = want_inner;
         }
         Ok(())
     }
 
-    /// Moves what can be moved in both directions.
-    fn pump(&mut self) -> io::Result<Pumped> {
-        let up = self.up.pump(&self.client, &self.inner)?;
-        let down = self.down.pump(&self.inner, &self.client)?;
+    /// Moves what can be moved in both directions, borrowing pipes from `pool`.
+    fn pump(&mut self, pool: &mut Vec<Pipe>) -> io::Result<Pumped> {
+        let up = self.up.pump(&self.client, &self.inner, pool)?;
+        let down = self.down.pump(&self.inner, &self.client, pool)?;
         Ok(match (up, down) {
             (Pumped::Busy, _) | (_, Pumped::Busy) => Pumped::Busy,
             (Pumped::Done, Pumped::Done) => Pumped::Done,
@@ -441,27 +755,39 @@ impl Pair {
 }
 
 impl Flow {
-    fn new(pipe: Pipe) -> Flow {
-        Flow {
-            pipe: Some(pipe),
-            buffered: 0,
-            moved: 0,
-            eof: false,
-            shut: false,
-        }
-    }
-
     /// Drains the pipe into `dst` and refills it from `src` until one would block, the budget
-    /// is spent, or `src` has ended and `dst` has been shut down for writing.
-    fn pump(&mut self, src: &TcpStream, dst: &TcpStream) -> io::Result<Pumped> {
+    /// is spent, or `src` has ended and `dst` has been shut down for writing. The pipe is
+    /// borrowed from `pool` for the call and given back when left empty, unless the direction
+    /// is bulk.
+    fn pump(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        pool: &mut Vec<Pipe>,
+    ) -> io::Result<Pumped> {
         if self.shut {
             return Ok(Pumped::Done);
         }
-        let Some(pipe) = &self.pipe else {
-            return Ok(Pumped::Done);
-        };
+        let pumped = self.pump_with(src, dst, pool);
+        if self.buffered == 0 && self.moved < GROW_AFTER {
+            if let Some(pipe) = self.pipe.take() {
+                give_back(pool, pipe);
+            }
+        }
+        pumped
+    }
+
+    fn pump_with(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        pool: &mut Vec<Pipe>,
+    ) -> io::Result<Pumped> {
         for _ in 0..BUDGET {
             if self.buffered > 0 {
+                let Some(pipe) = &self.pipe else {
+                    return Err(io::ErrorKind::BrokenPipe.into());
+                };
                 match sys::splice(&pipe.read, dst, self.buffered) {
                     Ok(n) => self.buffered -= n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pumped::Idle),
@@ -477,6 +803,10 @@ impl Flow {
                 self.shut = true;
                 return Ok(Pumped::Done);
             } else {
+                let pipe = match self.pipe.take().or_else(|| pool.pop()) {
+                    Some(pipe) => self.pipe.insert(pipe),
+                    None => self.pipe.insert(Pipe::new()?),
+                };
                 match sys::splice(src, &pipe.write, PIPE_SIZE) {
                     Ok(0) => self.eof = true,
                     Ok(n) => {

@@ -419,7 +419,8 @@ fn emfile_side() -> Result {
     let driver = BuiltinDriver::new(channel)?;
     driver.add_port(&spec(&format!("127.0.0.1:{port}:{ECHO}/tcp")))?;
 
-    // Room for two or three forwarded connections only.
+    // Room for a handful of forwarded connections per descriptor table only (the limit bounds
+    // descriptor numbers in each table, and every worker has a table of its own).
     let open = std::fs::read_dir("/proc/self/fd")?.count() as u64;
     let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, open + 16, hard)?;
@@ -459,9 +460,17 @@ fn accept_survives_descriptor_exhaustion() -> Result {
     assert_eq!(request(addr, b"sanity")?, b"sanity");
     let held: Vec<_> = (0..60).map(|_| connect(addr)).collect::<Result<_>>()?;
     drop(held);
-    wait_until("the spike to drain", || {
+    let drained = wait_until("the spike to drain", || {
         Ok(accept_queue(port)? == 0 && socket_count(pid)? == baseline)
-    })?;
+    });
+    if let Err(e) = drained {
+        let (queue, sockets) = (accept_queue(port)?, socket_count(pid)?);
+        let fds = support::fd_targets(pid)?;
+        return Err(format!(
+            "{e}: accept queue {queue}, {sockets} sockets (baseline {baseline}): {fds:?}"
+        )
+        .into());
+    }
     for i in 0..3 {
         let msg = format!("after the spike {i}");
         assert_eq!(request(addr, msg.as_bytes())?, msg.as_bytes());

@@ -1,11 +1,10 @@
-//! The control loop: one thread that owns the listeners, the helper channel and UDP sessions.
+//! The control loop: one thread that owns the first helper channel and serves UDP ports.
 //!
-//! It accepts TCP connections, asks the helper for a socket inside the namespace for each
-//! (pipelined requests on the single channel, matched by id), checks what comes back and hands
-//! each (client, inner socket) pair to a data-path worker, round robin. UDP ports are served
-//! here entirely ([`udp`]). Port additions and removals arrive as [`ControlCmd`]s from the
-//! driver; a removal is acknowledged only once the port's listener and pending connections are
-//! closed.
+//! UDP ports are served here entirely ([`udp`]): sockets for new sessions are asked of the
+//! helper on the channel (pipelined requests, matched by id). TCP ports are served by the
+//! workers ([`crate::worker`]), each with a helper channel of its own. Port additions and
+//! removals arrive as [`ControlCmd`]s from the driver; a removal is acknowledged only once the
+//! port's socket and pending sessions are closed.
 
 mod udp;
 
@@ -18,7 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream, UdpSocket};
+use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rkport_core::PortId;
@@ -26,22 +25,15 @@ use socket2::{Domain, Type};
 
 use crate::sys;
 use crate::wire::{Kind, Reply, Request, REQUEST_LEN};
-use crate::worker::{self, WorkerCmd, WorkerTx};
 
 const CHANNEL: Token = Token(0);
 const WAKER: Token = Token(1);
-/// How long a listener rests after a resource error on accept (EMFILE and the like).
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(75);
+/// How long the channel rests after a shortage of kernel memory (ENOBUFS, ENOMEM).
+const CHANNEL_BACKOFF: Duration = Duration::from_millis(75);
 
 /// What the driver asks of the control loop.
 #[derive(Debug)]
 pub(crate) enum ControlCmd {
-    /// Serve a bound, listening TCP socket; connections go to `target` inside.
-    AddTcp {
-        id: PortId,
-        listener: TcpListener,
-        target: SocketAddr,
-    },
     /// Serve a bound UDP socket; datagrams go to `target` inside.
     AddUdp {
         id: PortId,
@@ -72,10 +64,9 @@ impl ControlTx {
     }
 }
 
-/// Starts the control loop on `channel`, handing TCP connections to `workers`.
+/// Starts the control loop on `channel`.
 pub(crate) fn spawn(
     channel: OwnedFd,
-    workers: Vec<WorkerTx>,
     udp_timeout: Duration,
 ) -> io::Result<(ControlTx, JoinHandle<()>)> {
     let poll = Poll::new()?;
@@ -91,15 +82,11 @@ pub(crate) fn spawn(
         rx,
         channel: Some(channel),
         outbox: VecDeque::new(),
-        unwoken: vec![false; workers.len()],
-        workers,
-        next_worker: 0,
         ports: HashMap::new(),
         sources: HashMap::new(),
         next_token: 2,
         pending: HashMap::new(),
         next_request: 1,
-        backoff: Vec::new(),
         udp_timeout,
         channel_retry: None,
         buf: vec![0; 65536].into_boxed_slice(),
@@ -113,21 +100,12 @@ pub(crate) fn spawn(
 /// A published port as the control loop serves it.
 #[derive(Debug)]
 enum Port {
-    Tcp(TcpPort),
     Udp(udp::UdpPort),
-}
-
-#[derive(Debug)]
-struct TcpPort {
-    listener: TcpListener,
-    token: Token,
-    target: SocketAddr,
 }
 
 /// What a registered token stands for.
 #[derive(Debug, Clone, Copy)]
 enum Source {
-    Listener(PortId),
     UdpHost(PortId),
     UdpInner(PortId, SocketAddr),
 }
@@ -135,11 +113,6 @@ enum Source {
 /// A request sent to the helper and not yet answered.
 #[derive(Debug)]
 enum Pending {
-    Tcp {
-        port: PortId,
-        client: TcpStream,
-        target: SocketAddr,
-    },
     Udp {
         port: PortId,
         client: SocketAddr,
@@ -150,14 +123,13 @@ enum Pending {
 impl Pending {
     fn port(&self) -> PortId {
         match self {
-            Pending::Tcp { port, .. } | Pending::Udp { port, .. } => *port,
+            Pending::Udp { port, .. } => *port,
         }
     }
 
     /// The domain and type of the socket a valid reply must carry.
     fn expected(&self) -> (Domain, Type) {
         match self {
-            Pending::Tcp { target, .. } => (Domain::for_address(*target), Type::STREAM),
             Pending::Udp { target, .. } => (Domain::for_address(*target), Type::DGRAM),
         }
     }
@@ -173,17 +145,11 @@ struct Control {
     channel: Option<OwnedFd>,
     /// Encoded requests the channel could not take yet.
     outbox: VecDeque<[u8; REQUEST_LEN]>,
-    workers: Vec<WorkerTx>,
-    next_worker: usize,
-    /// Workers given connections since they were last woken.
-    unwoken: Vec<bool>,
     ports: HashMap<PortId, Port>,
     sources: HashMap<Token, Source>,
     next_token: usize,
     pending: HashMap<u64, Pending>,
     next_request: u64,
-    /// Listeners resting after an accept error, with the time to resume.
-    backoff: Vec<(Instant, PortId)>,
     udp_timeout: Duration,
     /// When to try the channel again after a transient error (ENOBUFS, ENOMEM).
     channel_retry: Option<Instant>,
@@ -220,23 +186,15 @@ impl Control {
         }
     }
 
-    /// The earliest timer: a listener to resume or a UDP sweep.
+    /// The earliest timer: a UDP sweep or a channel retry.
     fn next_deadline(&self) -> Option<Instant> {
-        let resume = self.backoff.iter().map(|(t, _)| *t);
-        resume
-            .chain(self.next_sweep())
+        self.next_sweep()
+            .into_iter()
             .chain(self.channel_retry)
             .min()
     }
 
     fn timers(&mut self, now: Instant) {
-        let (due, rest) = std::mem::take(&mut self.backoff)
-            .into_iter()
-            .partition(|(t, _)| *t <= now);
-        self.backoff = rest;
-        for (_, id) in due {
-            self.resume_listener(id);
-        }
         if self.channel_retry.is_some_and(|t| t <= now) {
             self.channel_retry = None;
             self.channel_ready();
@@ -248,11 +206,6 @@ impl Control {
     fn commands(&mut self) -> bool {
         loop {
             match self.rx.try_recv() {
-                Ok(ControlCmd::AddTcp {
-                    id,
-                    listener,
-                    target,
-                }) => self.add_tcp(id, listener, target),
                 Ok(ControlCmd::AddUdp { id, socket, target }) => self.add_udp(id, socket, target),
                 Ok(ControlCmd::Remove { id, done }) => {
                     self.remove(id);
@@ -272,38 +225,15 @@ impl Control {
         token
     }
 
-    fn add_tcp(&mut self, id: PortId, mut listener: TcpListener, target: SocketAddr) {
-        let token = self.token(Source::Listener(id));
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut listener, token, Interest::READABLE)
-        {
-            // Retried by the backoff timer: the port stays listed and starts serving then.
-            tracing::debug!(port = id, error = %e, "cannot watch listener, retrying");
-            self.backoff.push((Instant::now() + ACCEPT_BACKOFF, id));
-        }
-        let port = TcpPort {
-            listener,
-            token,
-            target,
-        };
-        self.ports.insert(id, Port::Tcp(port));
-    }
-
     /// Closes port `id`: its listener or host socket, pending dials and sessions.
     fn remove(&mut self, id: PortId) {
         match self.ports.remove(&id) {
-            Some(Port::Tcp(mut port)) => {
-                let _ = self.poll.registry().deregister(&mut port.listener);
-            }
             Some(Port::Udp(port)) => self.close_udp(port),
             None => {}
         }
-        self.backoff.retain(|(_, p)| *p != id);
         self.pending.retain(|_, p| p.port() != id);
         self.sources.retain(|_, s| match s {
-            Source::Listener(p) | Source::UdpHost(p) | Source::UdpInner(p, _) => *p != id,
+            Source::UdpHost(p) | Source::UdpInner(p, _) => *p != id,
         });
     }
 
@@ -312,78 +242,23 @@ impl Control {
         for id in ids {
             self.remove(id);
         }
-        for worker in &self.workers {
-            worker.send(WorkerCmd::Stop);
-        }
         // Dropping the channel tells the helper to return.
     }
 
     fn source_ready(&mut self, token: Token) {
         match self.sources.get(&token).copied() {
-            Some(Source::Listener(id)) => self.accept(id),
             Some(Source::UdpHost(id)) => self.udp_host_ready(id),
             Some(Source::UdpInner(id, client)) => self.udp_inner_ready(id, client),
             None => {}
         }
     }
 
-    /// Accepts every waiting connection of port `id` and asks the helper for its inner socket.
-    fn accept(&mut self, id: PortId) {
-        loop {
-            let Some(Port::Tcp(port)) = self.ports.get(&id) else {
-                return;
-            };
-            let target = port.target;
-            match port.listener.accept() {
-                Ok((client, _)) => self.dial_tcp(id, client, target),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return self.pause_listener(id, e),
-            }
-        }
-    }
-
-    /// Stops watching a listener for a while after an accept error.
-    ///
-    /// EMFILE, ENFILE, ENOBUFS, ENOMEM and ECONNABORTED pass; treating them as fatal is what
-    /// left published ports dead in rootlesskit#536. The port stays listed and resumes.
-    fn pause_listener(&mut self, id: PortId, error: io::Error) {
-        tracing::debug!(port = id, %error, "accept failed, pausing the listener");
-        if let Some(Port::Tcp(port)) = self.ports.get_mut(&id) {
-            let _ = self.poll.registry().deregister(&mut port.listener);
-            self.backoff.push((Instant::now() + ACCEPT_BACKOFF, id));
-        }
-    }
-
-    fn resume_listener(&mut self, id: PortId) {
-        let Some(Port::Tcp(port)) = self.ports.get_mut(&id) else {
-            return;
-        };
-        let registry = self.poll.registry();
-        let result = registry.register(&mut port.listener, port.token, Interest::READABLE);
-        if let Err(e) = result {
-            tracing::debug!(port = id, error = %e, "cannot watch listener, retrying");
-            self.backoff.push((Instant::now() + ACCEPT_BACKOFF, id));
-            return;
-        }
-        // Connections that queued meanwhile do not raise a new edge.
-        self.accept(id);
-    }
-
-    fn dial_tcp(&mut self, port: PortId, client: TcpStream, target: SocketAddr) {
-        let pending = Pending::Tcp {
-            port,
-            client,
-            target,
-        };
-        self.request(Kind::Tcp, target, pending);
-    }
-
     /// Sends a request for a socket to `target` inside; `pending` waits for the reply.
     fn request(&mut self, kind: Kind, target: SocketAddr, pending: Pending) {
         if self.channel.is_none() {
-            tracing::debug!(port = pending.port(), "helper is gone, dropping connection");
-            return fail(pending);
+            // The session is dropped with its datagrams; the next one asks again.
+            tracing::debug!(port = pending.port(), "helper is gone, dropping datagrams");
+            return;
         }
         let id = self.next_request;
         self.next_request += 1;
@@ -406,24 +281,18 @@ impl Control {
         }
     }
 
-    /// Sends what waits in the outbox and takes the helper's replies, then wakes the workers
-    /// that were handed connections, once each for the whole batch.
+    /// Sends what waits in the outbox and takes the helper's replies.
     fn channel_ready(&mut self) {
         self.flush();
         self.receive();
-        self.wake_workers();
     }
 
     fn receive(&mut self) {
         let mut buf = [0u8; 64];
-        let mut first = true;
+        // Read until EAGAIN even with no request left unanswered: a helper that misbehaves may
+        // have sent more than asked, and a sender blocked on a full channel is woken only once
+        // half of it has been read.
         while let Some(channel) = &self.channel {
-            // The helper sends only replies, and every message raises its own event: once no
-            // request is left unanswered, a further read would only return EAGAIN. One read
-            // per event is always made, so that an end of file or a stray message is seen.
-            if !std::mem::take(&mut first) && self.pending.is_empty() {
-                return;
-            }
             match sys::recv_with_fds(channel.as_fd(), &mut buf) {
                 Ok(msg) if msg.len == 0 && msg.fds.is_empty() => {
                     return self.lose_channel(io::ErrorKind::UnexpectedEof.into())
@@ -435,21 +304,13 @@ impl Control {
         }
     }
 
-    fn wake_workers(&mut self) {
-        for (worker, unwoken) in self.workers.iter().zip(&mut self.unwoken) {
-            if std::mem::take(unwoken) {
-                worker.wake();
-            }
-        }
-    }
-
     /// Retries the channel a little later after a shortage of kernel memory; any other error
     /// means the helper is gone.
     fn channel_error(&mut self, error: io::Error) {
         match error.raw_os_error() {
             Some(libc::ENOBUFS | libc::ENOMEM) => {
                 tracing::debug!(%error, "helper channel busy, retrying");
-                self.channel_retry = Some(Instant::now() + ACCEPT_BACKOFF);
+                self.channel_retry = Some(Instant::now() + CHANNEL_BACKOFF);
             }
             _ => self.lose_channel(error),
         }
@@ -465,9 +326,7 @@ impl Control {
                 .deregister(&mut SourceFd(&channel.as_raw_fd()));
         }
         self.outbox.clear();
-        for (_, pending) in self.pending.drain() {
-            fail(pending);
-        }
+        self.pending.clear();
         self.drop_pending_sessions();
     }
 
@@ -515,33 +374,13 @@ impl Control {
 
     fn complete(&mut self, pending: Pending, inner: OwnedFd) {
         match pending {
-            Pending::Tcp { port, client, .. } => {
-                let n = self.next_worker % self.workers.len();
-                self.next_worker = self.next_worker.wrapping_add(1);
-                // Woken by `channel_ready` once its batch of replies is done.
-                self.unwoken[n] |= self.workers[n].queue(WorkerCmd::Conn {
-                    port,
-                    client,
-                    inner,
-                });
-            }
             Pending::Udp { port, client, .. } => self.udp_connected(port, client, inner),
         }
     }
 
     fn failed(&mut self, pending: Pending) {
-        if let Pending::Udp { port, client, .. } = pending {
-            self.udp_failed(port, client);
-        } else {
-            fail(pending);
+        match pending {
+            Pending::Udp { port, client, .. } => self.udp_failed(port, client),
         }
-    }
-}
-
-/// Closes a TCP client whose inner socket cannot be had, with a reset (curl says 56 rather
-/// than 52): like a refused connection, as close as a forwarder that accepted first can get.
-fn fail(pending: Pending) {
-    if let Pending::Tcp { client, .. } = pending {
-        worker::reset(&client);
     }
 }

@@ -91,7 +91,7 @@ impl Control {
         let interval = (timeout / 2).clamp(Duration::from_millis(10), SWEEP_MAX);
         let mut expired = Vec::new();
         for (&id, port) in &mut self.ports {
-            let Port::Udp(port) = port else { continue };
+            let Port::Udp(port) = port;
             if now < port.sweep_at {
                 continue;
             }
@@ -252,9 +252,8 @@ impl Control {
     /// Forgets the sessions still waiting for the helper (it has gone).
     pub(super) fn drop_pending_sessions(&mut self) {
         for port in self.ports.values_mut() {
-            if let Port::Udp(port) = port {
-                port.sessions.retain(|_, s| s.inner.is_some());
-            }
+            let Port::Udp(port) = port;
+            port.sessions.retain(|_, s| s.inner.is_some());
         }
     }
 }

@@ -221,14 +221,33 @@ pub fn init_tracing() {
     }
 }
 
-/// Sockets among the descriptors of process `pid`.
-pub fn socket_count(pid: u32) -> Result<usize> {
-    let mut n = 0;
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-        let target = std::fs::read_link(entry?.path()).unwrap_or_default();
-        n += usize::from(target.to_string_lossy().starts_with("socket:"));
+/// What the open descriptors of process `pid` refer to, in all its descriptor tables: the
+/// main one and those of the driver's workers (threads `rkport-worker-N`), which
+/// `/proc/PID/fd` does not list.
+pub fn fd_targets(pid: u32) -> Result<Vec<String>> {
+    let mut dirs = vec![std::path::PathBuf::from(format!("/proc/{pid}/fd"))];
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.starts_with("rkport-worker") {
+            dirs.push(task.join("fd"));
+        }
     }
-    Ok(n)
+    let mut targets = Vec::new();
+    for dir in dirs {
+        // A worker that has just ended has no table left to read.
+        for entry in std::fs::read_dir(dir).into_iter().flatten() {
+            let target = std::fs::read_link(entry?.path()).unwrap_or_default();
+            targets.push(target.to_string_lossy().into_owned());
+        }
+    }
+    Ok(targets)
+}
+
+/// Sockets among the descriptors of process `pid`, in all its tables.
+pub fn socket_count(pid: u32) -> Result<usize> {
+    let targets = fd_targets(pid)?;
+    Ok(targets.iter().filter(|t| t.starts_with("socket:")).count())
 }
 
 /// Connections waiting in the accept queue of the TCP listener on 127.0.0.1:`port`, from
