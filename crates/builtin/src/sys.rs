@@ -166,7 +166,7 @@ pub fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit: every forwarded TCP connection holds
-/// two sockets and up to four pipe ends.
+/// two sockets, and up to four pipe ends while bytes are in flight.
 pub fn raise_nofile_limit() {
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => {
@@ -177,6 +177,11 @@ pub fn raise_nofile_limit() {
         Ok(_) => {}
         Err(e) => tracing::debug!(error = %e, "cannot read RLIMIT_NOFILE"),
     }
+}
+
+/// The soft `RLIMIT_NOFILE`: every descriptor table of the process holds numbers below it.
+pub fn nofile_limit() -> u64 {
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
 }
 
 /// Socket buffer size asked for UDP sockets, so that bursts of datagrams are not dropped

@@ -48,8 +48,14 @@ const POOL_MAX: usize = 16;
 /// Connections accepted from one listener per wake-up; the listener is level-triggered, so
 /// the rest are taken on the next round, after the other sources had their turn.
 const ACCEPT_BATCH: usize = 64;
-/// How long a listener rests after a resource error on accept (EMFILE and the like).
+/// How long a listener rests after a resource error on accept (EMFILE and the like), or once
+/// this worker's descriptor table is nearly full.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(75);
+/// Descriptors kept free in a worker's table for the inner sockets and pipes of connections
+/// already accepted (an eighth of the limit, at most this many): a worker whose newest client
+/// got a number this close to the limit stops accepting for a while, and the other workers take
+/// the new connections.
+const FD_RESERVE_MAX: u64 = 256;
 
 const CMD: Token = Token(0);
 const CHANNEL: Token = Token(1);
@@ -219,6 +225,8 @@ struct Worker {
     free: Vec<usize>,
     pool: Vec<Pipe>,
     again: VecDeque<usize>,
+    /// The soft `RLIMIT_NOFILE` as last read: the bound of this worker's descriptor numbers.
+    fd_limit: u64,
 }
 
 /// The pair slot of a connection token.
@@ -257,6 +265,7 @@ impl Worker {
             free: Vec::new(),
             pool: Vec::new(),
             again: VecDeque::new(),
+            fd_limit: sys::nofile_limit(),
         })
     }
 
@@ -391,6 +400,17 @@ impl Worker {
         }
     }
 
+    /// Whether descriptor number `fd` is within the reserve of this worker's table limit
+    /// (the limit is read again before saying yes: it may have been raised).
+    fn nearly_full(&mut self, fd: u64) -> bool {
+        let reserve = |limit: u64| (limit / 8).min(FD_RESERVE_MAX);
+        if fd + reserve(self.fd_limit) < self.fd_limit {
+            return false;
+        }
+        self.fd_limit = sys::nofile_limit();
+        fd + reserve(self.fd_limit) >= self.fd_limit
+    }
+
     /// Stops watching a listener for a while after an accept error.
     ///
     /// EMFILE, ENFILE, ENOBUFS, ENOMEM and ECONNABORTED pass; treating them as fatal is what
@@ -412,14 +432,24 @@ impl Worker {
             };
             let target = listener.target;
             match listener.socket.accept() {
-                Ok((client, _)) => self.request(Dial {
-                    port: id,
-                    client,
-                    target,
-                }),
+                Ok((client, _)) => {
+                    let fd = client.as_raw_fd() as u64;
+                    self.request(Dial {
+                        port: id,
+                        client,
+                        target,
+                    });
+                    if self.nearly_full(fd) {
+                        let full = io::Error::other("descriptor table nearly full");
+                        return self.pause_listener(id, full);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return self.pause_listener(id, e),
+                Err(e) => {
+                    self.fd_limit = sys::nofile_limit();
+                    return self.pause_listener(id, e);
+                }
             }
         }
     }
