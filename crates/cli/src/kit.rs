@@ -17,7 +17,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use rkport_core::PortSpec;
 use rkport_launcher::{LaunchConfig, NetworkMode, PortDriverKind};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Prefix of every error line, as RootlessKit prints it.
 const ERROR_PREFIX: &str = "[rootlesskit:parent] error:";
@@ -350,6 +352,10 @@ impl Cli {
 
 /// Logs to stderr: `RUST_LOG` when set, else `info` (`debug` with `--debug`).
 ///
+/// `RUST_LOG` is a list of `level` and `target=level` directives. The filter is
+/// `Targets`, not `EnvFilter`: the latter links a regex engine that the parent and the child
+/// would both keep mapped, for span and field filters nobody needs here.
+///
 /// tiny_http reports its listener being closed at shutdown as an error; that is expected
 /// here, so its logs are off unless `RUST_LOG` names it.
 fn init_tracing(debug: bool) {
@@ -358,22 +364,26 @@ fn init_tracing(debug: bool) {
     } else {
         "info,tiny_http=off"
     };
+    let parse = |spec: &str| spec.parse::<Targets>().ok();
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => {
             let spec = match spec.contains("tiny_http") {
                 true => spec,
                 false => format!("{spec},tiny_http=off"),
             };
-            EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new(default))
+            parse(&spec)
         }
-        _ => EnvFilter::new(default),
+        _ => None,
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter = filter.or_else(|| parse(default)).unwrap_or_default();
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
-        .without_time()
+        .without_time();
+    let _ = tracing_subscriber::registry()
+        .with(layer)
+        .with(filter)
         .try_init();
 }
 
