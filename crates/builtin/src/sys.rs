@@ -322,3 +322,63 @@ where
     }
     Ok(thread)
 }
+
+/// The most messages [`recv_batch`] takes in one call.
+pub const BATCH: usize = 16;
+
+/// Receives up to [`BATCH`] waiting messages in one recvmmsg(2) call, without blocking, each
+/// into its slot of `bufs`; an empty result means none was waiting (`EAGAIN` is not an error
+/// here). Descriptors are taken as [`recv_with_fds`] takes them.
+pub fn recv_batch(sock: BorrowedFd<'_>, bufs: &mut [[u8; 64]; BATCH]) -> io::Result<Vec<Received>> {
+    let mut controls = [[0u64; 2 + MAX_FDS]; BATCH];
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .zip(controls.iter_mut())
+        .map(|(iov, control)| {
+            // SAFETY: mmsghdr is plain old data; all zeroes is a valid empty header.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_control = control.as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = std::mem::size_of_val(control) as _;
+            m
+        })
+        .collect();
+    let n = loop {
+        // SAFETY: every header points at its own iovec (into `bufs`) and control buffer, all
+        // live and writable for the lengths given, for the duration of the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+                std::ptr::null_mut(),
+            )
+        };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(Vec::new()),
+            _ => return Err(e),
+        }
+    };
+    Ok(msgs[..n]
+        .iter()
+        .map(|m| Received {
+            len: m.msg_len as usize,
+            fds: take_fds(&m.msg_hdr),
+            truncated: m.msg_hdr.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0,
+        })
+        .collect())
+}

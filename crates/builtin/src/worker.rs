@@ -45,9 +45,10 @@ const GROW_AFTER: usize = 1024 * 1024;
 const BUDGET: usize = 32;
 /// Empty pipes kept for reuse by a worker.
 const POOL_MAX: usize = 16;
-/// Connections accepted from one listener per wake-up; the listener is level-triggered, so
-/// the rest are taken on the next round, after the other sources had their turn.
-const ACCEPT_BATCH: usize = 64;
+/// Connections accepted from one listener per wake-up. The listener is level-triggered, so
+/// the rest are taken on the next round, after the other sources had their turn; taking one
+/// at a time spares the accept that would only return EAGAIN.
+const ACCEPT_BATCH: usize = 1;
 /// How long a listener rests after a resource error on accept (EMFILE and the like), or once
 /// this worker's descriptor table is nearly full.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(75);
@@ -494,19 +495,26 @@ impl Worker {
         }
     }
 
+    /// Takes the helper's replies, a batch per system call, until none is waiting. A batch
+    /// that is not full means the channel was empty; reading on after the last expected reply
+    /// also picks up whatever else a misbehaving helper sent, so that it does not wait in the
+    /// channel holding its descriptors.
     fn receive(&mut self) {
-        let mut buf = [0u8; 64];
-        // Read until EAGAIN even with no request left unanswered: a helper that misbehaves
-        // may have sent more than asked, and what it sent would otherwise wait in the channel,
-        // holding its descriptors, until the next reply.
+        let mut bufs = [[0u8; 64]; sys::BATCH];
         while let Some(channel) = &self.channel {
-            match sys::recv_with_fds(channel.as_fd(), &mut buf) {
-                Ok(msg) if msg.len == 0 && msg.fds.is_empty() => {
-                    return self.lose_channel(io::ErrorKind::UnexpectedEof.into())
-                }
-                Ok(msg) => self.reply(&buf[..msg.len], msg.fds, msg.truncated),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            let batch = match sys::recv_batch(channel.as_fd(), &mut bufs) {
+                Ok(batch) => batch,
                 Err(e) => return self.channel_error(e),
+            };
+            let full = batch.len() == sys::BATCH;
+            for (msg, buf) in batch.into_iter().zip(&bufs) {
+                if msg.len == 0 && msg.fds.is_empty() {
+                    return self.lose_channel(io::ErrorKind::UnexpectedEof.into());
+                }
+                self.reply(&buf[..msg.len.min(buf.len())], msg.fds, msg.truncated);
+            }
+            if !full {
+                return;
             }
         }
     }
@@ -732,6 +740,11 @@ impl Pair {
             }
             return Ok(false);
         }
+        // A connect that failed raises EPOLLERR; writable without it means connected, and
+        // SO_ERROR need not be read.
+        if hint.writable && !hint.failed {
+            return Ok(true);
+        }
         if let Some(e) = self.inner.take_error()? {
             return Err(e);
         }
@@ -774,8 +787,12 @@ impl Pair {
 
     /// Moves what can be moved in both directions, borrowing pipes from `pool`.
     fn pump(&mut self, pool: &mut Vec<Pipe>) -> io::Result<Pumped> {
-        let up = self.up.pump(&self.client, &self.inner, pool)?;
-        let down = self.down.pump(&self.inner, &self.client, pool)?;
+        let up = self
+            .up
+            .pump(&self.client, &self.inner, pool, self.down.shut)?;
+        let down = self
+            .down
+            .pump(&self.inner, &self.client, pool, self.up.shut)?;
         Ok(match (up, down) {
             (Pumped::Busy, _) | (_, Pumped::Busy) => Pumped::Busy,
             (Pumped::Done, Pumped::Done) => Pumped::Done,
@@ -789,16 +806,20 @@ impl Flow {
     /// is spent, or `src` has ended and `dst` has been shut down for writing. The pipe is
     /// borrowed from `pool` for the call and given back when left empty, unless the direction
     /// is bulk.
+    ///
+    /// `last`: the other direction has ended, so `dst` is about to be closed, which sends its
+    /// FIN anyway; no shutdown(2) is needed for it.
     fn pump(
         &mut self,
         src: &TcpStream,
         dst: &TcpStream,
         pool: &mut Vec<Pipe>,
+        last: bool,
     ) -> io::Result<Pumped> {
         if self.shut {
             return Ok(Pumped::Done);
         }
-        let pumped = self.pump_with(src, dst, pool);
+        let pumped = self.pump_with(src, dst, pool, last);
         if self.buffered == 0 && self.moved < GROW_AFTER {
             if let Some(pipe) = self.pipe.take() {
                 give_back(pool, pipe);
@@ -812,6 +833,7 @@ impl Flow {
         src: &TcpStream,
         dst: &TcpStream,
         pool: &mut Vec<Pipe>,
+        last: bool,
     ) -> io::Result<Pumped> {
         for _ in 0..BUDGET {
             if self.buffered > 0 {
@@ -824,6 +846,10 @@ impl Flow {
                     Err(e) => return Err(e),
                 }
             } else if self.eof {
+                if last {
+                    self.shut = true;
+                    return Ok(Pumped::Done);
+                }
                 // The peer of `dst` sees end of file but may still send (half-close).
                 if let Err(e) = dst.shutdown(Shutdown::Write) {
                     if e.raw_os_error() != Some(libc::ENOTCONN) {
