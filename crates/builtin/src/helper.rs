@@ -57,11 +57,22 @@ pub fn serve(channel: OwnedFd) -> io::Result<()> {
 
         let reply = answer(&buf[..msg.len], msg.truncated);
         let Some((reply, fd)) = reply else { continue };
-        match sys::send_with_fd(
+        let mut sent = sys::send_with_fd(
             channel.as_fd(),
             &reply.encode(),
             fd.as_ref().map(|fd| fd.as_fd()),
-        ) {
+        );
+        if let (Err(e), Some(errno)) = (&sent, refused_descriptor(&sent, fd.is_some())) {
+            // The socket could not travel, but the channel is fine: this one request fails
+            // (its client is closed) and the next ones go on.
+            tracing::debug!(id = reply.id, error = %e, "cannot pass the socket, failing the request");
+            let failed = Reply {
+                id: reply.id,
+                errno,
+            };
+            sent = sys::send_with_fd(channel.as_fd(), &failed.encode(), None);
+        }
+        match sent {
             Ok(()) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => {
                 return Ok(())
@@ -70,6 +81,14 @@ pub fn serve(channel: OwnedFd) -> io::Result<()> {
         }
         // `fd` drops here: the parent holds the only copy from now on.
     }
+}
+
+/// The errno to report when a reply failed only because of the descriptor it carried: too
+/// many descriptors in flight for this process's open-files limit (`ETOOMANYREFS`, when the
+/// parent is slow to take them) or a passing shortage of kernel memory.
+fn refused_descriptor(sent: &io::Result<()>, had_fd: bool) -> Option<i32> {
+    let errno = sent.as_ref().err()?.raw_os_error()?;
+    (had_fd && matches!(errno, libc::ETOOMANYREFS | libc::ENOBUFS | libc::ENOMEM)).then_some(errno)
 }
 
 /// The channel end attached to a [`Kind::Channel`] request: exactly one unix `SOCK_SEQPACKET`

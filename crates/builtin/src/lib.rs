@@ -1,6 +1,6 @@
 //! The `builtin` port driver: rkport's own TCP and UDP forwarder.
 //!
-//! The driver has two halves joined by one long-lived unix socketpair ([`channel()`]):
+//! The driver has two halves joined by a long-lived unix socketpair ([`channel()`]):
 //!
 //! - [`BuiltinDriver`], in the parent (the host's network namespace), binds the host ports,
 //!   accepts connections and copies their bytes;
@@ -9,11 +9,15 @@
 //!   `SCM_RIGHTS`.
 //!
 //! Unlike RootlessKit's driver, which opens a new unix connection and exchanges JSON for every
-//! forwarded connection, requests here are small fixed-size records with ids, pipelined on the
-//! one channel ([`wire`]); the helper only starts a non-blocking connect and answers at once,
-//! and the parent's event loop waits for the handshake. Bytes move with splice(2) through a
-//! pipe per direction on one worker thread per CPU; listeners, the channel and UDP sessions
-//! live on one control thread. No thread is started per connection.
+//! forwarded connection, requests here are small fixed-size records with ids, pipelined on a
+//! channel ([`wire`]); the helper only starts a non-blocking connect and answers at once, and
+//! the parent's event loop waits for the handshake. The parent runs one worker thread per CPU
+//! (at least two); each watches every TCP listener, accepts, asks for inner sockets on a
+//! channel of its own (opened through the first) and moves the bytes of its connections with
+//! splice(2), borrowing a pipe per direction only while bytes wait. Each worker keeps its
+//! connections in a descriptor table of its own, so the open-files limit applies per worker.
+//! UDP sessions live on one control thread, on the first channel. No thread is started per
+//! connection.
 //!
 //! The crate does not enter namespaces, start processes or speak the REST API: the launcher
 //! puts the helper inside the namespace and the API server calls the [`PortDriver`] methods.

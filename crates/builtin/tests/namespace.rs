@@ -526,3 +526,87 @@ fn throughput() -> Result {
     }
     ns.finish(driver)
 }
+
+/// Sockets passed over the channel count, while in flight, against the sending process's
+/// open-files limit, and the helper never has the privilege to exceed it (`ETOOMANYREFS`).
+/// When the parent is slow to take them, the requests past the limit fail one by one, each
+/// with an error reply, and the channel goes on serving.
+#[test]
+fn helper_survives_too_many_sockets_in_flight() -> Result {
+    use rkport_builtin::wire::{Kind, Reply, Request, REPLY_LEN};
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    let (mut ns, parent_end) = Ns::start_raw()?;
+    assert_eq!(ns.ask("nofile 40")?, "ok");
+    let channel = std::os::unix::net::UnixDatagram::from(parent_end.try_clone()?);
+    channel.set_read_timeout(Some(HANG_GUARD))?;
+    channel.set_write_timeout(Some(HANG_GUARD))?;
+    // UDP sockets: unlike TCP ones, they take no descriptor from a server inside.
+    let ask = |id: u64| {
+        let target = local(UDP_ECHO);
+        channel.send(
+            &Request {
+                id,
+                kind: Kind::Udp,
+                target,
+            }
+            .encode(),
+        )
+    };
+    let take = || -> Result<(Reply, Option<OwnedFd>)> {
+        let mut buf = [0u8; REPLY_LEN];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = nix::sys::socket::recvmsg::<()>(
+            parent_end.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let fd = msg.cmsgs()?.find_map(|c| match c {
+            nix::sys::socket::ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+            _ => None,
+        });
+        // SAFETY: received with this message, owned by nobody else.
+        let fd = fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok((Reply::decode(&buf).ok_or("malformed reply")?, fd))
+    };
+
+    // Rounds of 200 requests before reading any reply: far more sockets than 40 can be in
+    // flight. When the kernel counts them is up to its timing, so rounds go on until one had
+    // refusals (most do within a few); every reply of every round must be well-formed.
+    let mut next = 1;
+    let (mut passed, mut refused) = (0, 0);
+    for _round in 0..100 {
+        let first = next;
+        for id in first..first + 200 {
+            ask(id)?;
+        }
+        next += 200;
+        let mut held = Vec::new();
+        for id in first..first + 200 {
+            let (reply, fd) = take()?;
+            assert_eq!(reply.id, id, "replies come in order, one per request");
+            match (reply.errno, fd) {
+                (0, Some(fd)) => held.push(fd),
+                (libc::ETOOMANYREFS, None) => refused += 1,
+                (errno, fd) => panic!("request {id}: errno {errno}, socket {fd:?}"),
+            }
+        }
+        passed += held.len();
+        if refused > 0 {
+            break;
+        }
+    }
+    eprintln!("in flight: {passed} sockets passed, {refused} refused");
+    assert!(refused > 0, "the limit of 40 was never reached");
+
+    // The channel still serves, now that the sockets have been taken.
+    ask(next)?;
+    let (reply, fd) = take()?;
+    assert_eq!((reply.id, reply.errno), (next, 0));
+    assert!(fd.is_some(), "a socket after the refusals");
+    assert_eq!(ns.ask("ping")?, "pong");
+    drop((channel, parent_end));
+    ns.wait()
+}

@@ -380,6 +380,14 @@ pub fn namespace_main() -> Result {
     Ok(())
 }
 
+/// Sets this process's soft open-files limit to `n`.
+fn lower_nofile(n: u64) -> io::Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, n.min(hard), hard)?;
+    Ok(())
+}
+
 /// Answers stdin commands on `answers`, one line each.
 fn commands(mut answers: File, v6: bool) {
     for line in io::stdin().lock().lines() {
@@ -391,7 +399,10 @@ fn commands(mut answers: File, v6: bool) {
             "late-udp" => result(spawn_udp((Ipv4Addr::LOCALHOST, UDP_LATE).into(), |_, d| {
                 d.to_vec()
             })),
-            other => format!("unknown command {other:?}"),
+            other => match other.strip_prefix("nofile ").map(str::parse::<u64>) {
+                Some(Ok(n)) => result(lower_nofile(n)),
+                _ => format!("unknown command {other:?}"),
+            },
         };
         if writeln!(answers, "{answer}").is_err() {
             return;
