@@ -382,3 +382,282 @@ pub fn recv_batch(sock: BorrowedFd<'_>, bufs: &mut [[u8; 64]; BATCH]) -> io::Res
         })
         .collect())
 }
+
+/// Datagrams taken by one [`Datagrams::recv`] call.
+pub const DATAGRAM_BATCH: usize = 32;
+/// Room for the largest UDP payload (65,507 bytes over IPv4, 65,527 over IPv6).
+const DATAGRAM_SLOT: usize = 65536;
+/// The most segments one `UDP_SEGMENT` send may carry (the kernel's `UDP_MAX_SEGMENTS` is 64
+/// or more, depending on its version).
+const SEGMENTS_MAX: usize = 64;
+
+/// Receive buffers for a batch of datagrams, with their sources.
+///
+/// The slots are anonymous memory of their own (2 MiB of address space): pages are only
+/// resident once a datagram has been written to them, and all of them go back to the system
+/// when the batch is dropped.
+pub struct Datagrams {
+    mem: std::ptr::NonNull<u8>,
+    names: Box<[libc::sockaddr_storage; DATAGRAM_BATCH]>,
+    name_lens: [libc::socklen_t; DATAGRAM_BATCH],
+    lens: [usize; DATAGRAM_BATCH],
+    count: usize,
+}
+
+// SAFETY: `mem` is a private mapping owned by this value alone; nothing else points into it.
+unsafe impl Send for Datagrams {}
+
+impl std::fmt::Debug for Datagrams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datagrams")
+            .field("count", &self.count)
+            .finish()
+    }
+}
+
+impl Drop for Datagrams {
+    fn drop(&mut self) {
+        // SAFETY: `mem` was mapped in `new` with this length and is not used after this.
+        unsafe { libc::munmap(self.mem.as_ptr().cast(), DATAGRAM_BATCH * DATAGRAM_SLOT) };
+    }
+}
+
+impl Datagrams {
+    pub fn new() -> io::Result<Datagrams> {
+        // SAFETY: a fresh private anonymous mapping; the result is checked before use.
+        let mem = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                DATAGRAM_BATCH * DATAGRAM_SLOT,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if mem == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Datagrams {
+            mem: std::ptr::NonNull::new(mem.cast()).ok_or_else(io::Error::last_os_error)?,
+            // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+            names: Box::new(unsafe { std::mem::zeroed() }),
+            name_lens: [0; DATAGRAM_BATCH],
+            lens: [0; DATAGRAM_BATCH],
+            count: 0,
+        })
+    }
+
+    /// Receives up to [`DATAGRAM_BATCH`] waiting datagrams in one recvmmsg(2) call without
+    /// blocking; how many (0 when none was waiting).
+    pub fn recv(&mut self, sock: BorrowedFd<'_>) -> io::Result<usize> {
+        self.count = 0;
+        let base = self.mem.as_ptr();
+        let mut iovs: [libc::iovec; DATAGRAM_BATCH] = std::array::from_fn(|i| libc::iovec {
+            // SAFETY: slot `i` lies within the mapping.
+            iov_base: unsafe { base.add(i * DATAGRAM_SLOT) }.cast(),
+            iov_len: DATAGRAM_SLOT,
+        });
+        // SAFETY: mmsghdr is plain old data; all zeroes is a valid empty header.
+        let mut msgs: [libc::mmsghdr; DATAGRAM_BATCH] = unsafe { std::mem::zeroed() };
+        for (i, m) in msgs.iter_mut().enumerate() {
+            m.msg_hdr.msg_iov = &mut iovs[i];
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as _;
+        }
+        let n = loop {
+            // SAFETY: every header points at its own iovec (a slot of the mapping) and name
+            // buffer, all live and writable for the lengths given, for the duration of the call.
+            let n = unsafe {
+                libc::recvmmsg(
+                    sock.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    DATAGRAM_BATCH as u32,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            }
+        };
+        for (i, m) in msgs[..n].iter().enumerate() {
+            self.lens[i] = m.msg_len as usize;
+            self.name_lens[i] = m.msg_hdr.msg_namelen;
+        }
+        self.count = n;
+        Ok(n)
+    }
+
+    /// Datagram `i` of the last batch.
+    pub fn data(&self, i: usize) -> &[u8] {
+        assert!(i < self.count, "datagram {i} of {}", self.count);
+        let len = self.lens[i].min(DATAGRAM_SLOT);
+        // SAFETY: slot `i` lies within the mapping, and its first `len` bytes were written by
+        // the last recvmmsg (anonymous memory is initialised to zeroes anyway).
+        unsafe { std::slice::from_raw_parts(self.mem.as_ptr().add(i * DATAGRAM_SLOT), len) }
+    }
+
+    /// The source address of datagram `i` of the last batch.
+    pub fn source(&self, i: usize) -> Option<std::net::SocketAddr> {
+        assert!(i < self.count, "datagram {i} of {}", self.count);
+        let storage = &self.names[i];
+        let len = self.name_lens[i] as usize;
+        match i32::from(storage.ss_family) {
+            libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+                // SAFETY: the kernel wrote a sockaddr_in here (family and length checked);
+                // the storage is aligned and large enough for any address.
+                let a = unsafe {
+                    &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+                };
+                let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                Some((ip, u16::from_be(a.sin_port)).into())
+            }
+            libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+                // SAFETY: as above, for a sockaddr_in6.
+                let a = unsafe {
+                    &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+                };
+                let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+                let v6 = std::net::SocketAddrV6::new(
+                    ip,
+                    u16::from_be(a.sin6_port),
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                );
+                Some(v6.into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Sends `datagrams` on the connected UDP socket `sock`, as few system calls as it takes:
+/// runs of equal-sized datagrams (the last of a run may be shorter) go as one `UDP_SEGMENT`
+/// send, which the kernel splits into the same datagrams again, while `segment` stays true;
+/// the others go by sendmmsg(2). `segment` is cleared when the kernel refuses segmentation.
+/// Datagrams that cannot be sent (a full buffer, `ECONNREFUSED` from an earlier one) are
+/// dropped, as the network would drop them.
+pub fn send_datagrams(sock: BorrowedFd<'_>, datagrams: &[&[u8]], segment: &mut bool) {
+    let mut rest = datagrams;
+    while !rest.is_empty() {
+        let run = if *segment { segment_run(rest) } else { 1 };
+        if run > 1 {
+            match send_segmented(sock, &rest[..run]) {
+                Ok(()) => {
+                    rest = &rest[run..];
+                    continue;
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::EIO | libc::ENOPROTOOPT)
+                    ) =>
+                {
+                    tracing::debug!(error = %e, "UDP segmentation refused, sending datagrams one by one");
+                    *segment = false;
+                }
+                // Dropped, as the one-by-one path would drop them.
+                Err(_) => {
+                    rest = &rest[run..];
+                    continue;
+                }
+            }
+        }
+        // Up to the next run worth segmenting (or all, without segmentation).
+        let plain = if *segment {
+            (1..rest.len())
+                .find(|&i| segment_run(&rest[i..]) > 1)
+                .unwrap_or(rest.len())
+        } else {
+            rest.len()
+        };
+        send_each(sock, &rest[..plain]);
+        rest = &rest[plain..];
+    }
+}
+
+/// How many datagrams at the start of `d` one segmented send can carry: the same size as the
+/// first (the last may be shorter), within the kernel's limits on segments and total size.
+fn segment_run(d: &[&[u8]]) -> usize {
+    let size = d[0].len();
+    if size == 0 || size >= DATAGRAM_SLOT / 2 {
+        return 1;
+    }
+    let by_total = 65_000 / size;
+    let mut n = 0;
+    for p in d.iter().take(SEGMENTS_MAX.min(by_total)) {
+        if p.len() > size {
+            break;
+        }
+        n += 1;
+        if p.len() < size {
+            break;
+        }
+    }
+    n.max(1)
+}
+
+/// One sendmsg(2) with `UDP_SEGMENT` set to the size of the first datagram.
+fn send_segmented(sock: BorrowedFd<'_>, datagrams: &[&[u8]]) -> io::Result<()> {
+    let iov: Vec<IoSlice<'_>> = datagrams.iter().map(|d| IoSlice::new(d)).collect();
+    let size = datagrams[0].len() as u16;
+    let cmsg = [ControlMessage::UdpGsoSegments(&size)];
+    loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_DONTWAIT, None) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Sends each datagram on its own, batched in sendmmsg(2) calls; what cannot go is dropped.
+fn send_each(sock: BorrowedFd<'_>, datagrams: &[&[u8]]) {
+    let mut iovs: Vec<libc::iovec> = datagrams
+        .iter()
+        .map(|d| libc::iovec {
+            iov_base: d.as_ptr() as *mut libc::c_void,
+            iov_len: d.len(),
+        })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is plain old data; all zeroes is a valid empty header.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    let mut sent = 0;
+    while sent < msgs.len() {
+        // SAFETY: every header points at its own iovec, which points into a datagram borrowed
+        // for the duration of the call; the kernel only reads them.
+        let n = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                msgs[sent..].as_mut_ptr(),
+                (msgs.len() - sent) as u32,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 {
+            sent += n as usize;
+            continue;
+        }
+        if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        // The first unsent datagram failed (a full buffer, ECONNREFUSED): drop it, go on.
+        sent += 1;
+    }
+}

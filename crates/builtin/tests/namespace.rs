@@ -279,6 +279,60 @@ fn udp_echo_with_many_clients() -> Result {
     ns.finish(driver)
 }
 
+/// A burst of datagrams from one client is taken in batches and sent on in as few sends as
+/// the kernel allows (runs of equal sizes as one segmented send): every datagram must still
+/// arrive whole, on its own, with its own bytes, whatever its size and neighbours.
+#[test]
+fn udp_burst_keeps_datagram_boundaries() -> Result {
+    let (ns, driver) = Ns::start()?;
+    let addr = publish(&driver, UDP_ECHO, "udp")?;
+    let s = udp_client()?;
+    socket2::SockRef::from(&s).set_recv_buffer_size(8 << 20)?;
+    // Mostly runs of 1200 bytes, broken by odd sizes (shorter, longer, and a few large ones).
+    let size = |i: usize| match i % 50 {
+        49 => 8 + (i * 37) % 900,
+        24 => 1500,
+        37 if i % 200 == 37 => 40_000,
+        _ => 1200,
+    };
+    let datagram = |i: usize| -> Vec<u8> {
+        let mut next = pattern(i as u64);
+        let mut d: Vec<u8> = (0..size(i)).map(|_| next() as u8).collect();
+        d[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        d
+    };
+    const COUNT: usize = 1000;
+    // The first one opens the session; the rest go while the forwarder is busy with it.
+    assert_eq!(udp_round(&s, addr, &datagram(0))?, datagram(0));
+    for i in 1..COUNT {
+        s.send_to(&datagram(i), addr)?;
+    }
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    let mut seen = vec![false; COUNT];
+    let mut buf = vec![0u8; 65536];
+    let mut got = 0;
+    while let Ok(n) = s.recv(&mut buf) {
+        let i = u32::from_be_bytes(buf[..4].try_into()?) as usize;
+        assert!(
+            i > 0 && i < COUNT,
+            "datagram with unknown index {i} ({n} bytes)"
+        );
+        assert!(!seen[i], "datagram {i} arrived twice");
+        assert_eq!(buf[..n], datagram(i)[..], "datagram {i} changed on the way");
+        seen[i] = true;
+        got += 1;
+    }
+    eprintln!("UDP burst: {got} of {} datagrams came back", COUNT - 1);
+    // Buffers of megabytes on every socket hold the whole burst: losing most of it would be a
+    // bug, not the network.
+    assert!(
+        got >= (COUNT - 1) / 2,
+        "only {got} of {} came back",
+        COUNT - 1
+    );
+    ns.finish(driver)
+}
+
 #[test]
 fn udp_session_survives_refusal_and_expires_when_idle() -> Result {
     let (mut ns, driver) = Ns::start()?;

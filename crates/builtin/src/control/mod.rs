@@ -90,6 +90,8 @@ pub(crate) fn spawn(
         udp_timeout,
         channel_retry: None,
         buf: vec![0; 65536].into_boxed_slice(),
+        datagrams: None,
+        datagrams_used: Instant::now(),
     };
     let thread = std::thread::Builder::new()
         .name("rkport-builtin-ctl".into())
@@ -154,6 +156,9 @@ struct Control {
     /// When to try the channel again after a transient error (ENOBUFS, ENOMEM).
     channel_retry: Option<Instant>,
     buf: Box<[u8]>,
+    /// Receive buffers for UDP batches, while UDP traffic flows.
+    datagrams: Option<crate::sys::Datagrams>,
+    datagrams_used: Instant,
 }
 
 impl Control {
@@ -191,6 +196,7 @@ impl Control {
         self.next_sweep()
             .into_iter()
             .chain(self.channel_retry)
+            .chain(self.datagrams_release_at())
             .min()
     }
 
@@ -200,6 +206,7 @@ impl Control {
             self.channel_ready();
         }
         self.sweep(now);
+        self.release_datagrams(now);
     }
 
     /// Applies queued commands; false when the loop must stop.

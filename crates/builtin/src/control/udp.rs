@@ -2,8 +2,12 @@
 //!
 //! One host socket per port; one session per client address, each with its own UDP socket
 //! connected to the target inside the namespace (asked of the helper on the client's first
-//! datagram, which waits in a short backlog meanwhile). Datagrams are forwarded one to one;
-//! replies go back from the host socket to the session's client. A session ends after
+//! datagram, which waits in a short backlog meanwhile). Datagrams are forwarded one to one,
+//! never merged or split: they are read in batches (recvmmsg), and each run of one client's
+//! datagrams goes on in as few sends as the kernel allows, equal-sized ones as a single
+//! `UDP_SEGMENT` send that the kernel cuts back into the same datagrams, others by sendmmsg.
+//! The batch buffers are returned to the system after a second without datagrams. Replies go
+//! back from the host socket to the session's client. A session ends after
 //! `udp_timeout` without traffic in either direction, when its port is removed, or when the
 //! helper cannot open its socket (the next datagram tries again). `ECONNREFUSED` on an inner
 //! socket (ICMP port unreachable: nothing listens inside yet) is ignored, so the session keeps
@@ -12,7 +16,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
@@ -20,12 +24,15 @@ use mio::{Interest, Token};
 use rkport_core::PortId;
 
 use super::{Control, Pending, Port, Source};
+use crate::sys::{self, Datagrams, DATAGRAM_BATCH};
 use crate::wire::Kind;
 
 /// Datagrams kept per session while its inner socket is being opened.
 const BACKLOG_MAX: usize = 64;
 /// Longest time between two sweeps for idle sessions.
 const SWEEP_MAX: Duration = Duration::from_secs(1);
+/// How long the batch buffers stay after the last datagram received.
+const DATAGRAMS_KEPT: Duration = Duration::from_secs(1);
 /// Consecutive receive errors tolerated in one readiness round.
 const ERRORS_MAX: usize = 64;
 
@@ -43,6 +50,8 @@ struct Session {
     inner: Option<(UdpSocket, Token)>,
     backlog: Vec<Box<[u8]>>,
     last: Instant,
+    /// Whether runs of equal datagrams still go as one segmented send (`UDP_SEGMENT`).
+    segment: bool,
 }
 
 impl Control {
@@ -121,27 +130,56 @@ impl Control {
         }
     }
 
-    /// Reads every waiting datagram of port `id`'s host socket and forwards it.
+    /// Reads every waiting datagram of port `id`'s host socket, a batch per system call, and
+    /// forwards them: each run of datagrams from one client goes to its session in as few
+    /// sends as the kernel allows.
     pub(super) fn udp_host_ready(&mut self, id: PortId) {
+        let mut batch = match self.datagrams.take() {
+            Some(batch) => batch,
+            None => match Datagrams::new() {
+                Ok(batch) => batch,
+                Err(e) => {
+                    return tracing::debug!(port = id, error = %e, "no memory for UDP datagrams")
+                }
+            },
+        };
         let mut errors = 0;
         while errors < ERRORS_MAX {
             let Some(Port::Udp(port)) = self.ports.get(&id) else {
-                return;
+                break;
             };
-            match port.socket.recv_from(&mut self.buf) {
-                Ok((n, client)) => self.udp_datagram(id, client, n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            let n = match batch.recv(port.socket.as_fd()) {
+                Ok(0) => break,
+                Ok(n) => n,
                 Err(e) => {
                     tracing::trace!(port = id, error = %e, "UDP receive failed");
                     errors += 1;
+                    continue;
                 }
+            };
+            let now = Instant::now();
+            let mut first = 0;
+            while first < n {
+                let client = batch.source(first);
+                let end = (first + 1..n)
+                    .find(|&i| batch.source(i) != client)
+                    .unwrap_or(n);
+                if let Some(client) = client {
+                    let run: Vec<&[u8]> = (first..end).map(|i| batch.data(i)).collect();
+                    self.udp_datagrams(id, client, &run, now);
+                }
+                first = end;
+            }
+            if n < DATAGRAM_BATCH {
+                break;
             }
         }
+        self.datagrams = Some(batch);
+        self.datagrams_used = Instant::now();
     }
 
-    /// Forwards `self.buf[..n]` from `client` through its session, opening one if needed.
-    fn udp_datagram(&mut self, id: PortId, client: SocketAddr, n: usize) {
-        let now = Instant::now();
+    /// Forwards `datagrams` from `client` through its session, opening one if needed.
+    fn udp_datagrams(&mut self, id: PortId, client: SocketAddr, datagrams: &[&[u8]], now: Instant) {
         let expired = match self.ports.get(&id) {
             Some(Port::Udp(port)) => port
                 .sessions
@@ -156,22 +194,31 @@ impl Control {
         let Some(Port::Udp(port)) = self.ports.get_mut(&id) else {
             return;
         };
-        let data = &self.buf[..n];
         if let Some(session) = port.sessions.get_mut(&client) {
             session.last = now;
             match &session.inner {
-                // ECONNREFUSED from an earlier datagram and a full buffer both drop this one.
-                Some((inner, _)) => drop(inner.send(data)),
-                None if session.backlog.len() < BACKLOG_MAX => session.backlog.push(data.into()),
-                None => {}
+                // ECONNREFUSED from an earlier datagram and a full buffer both drop these.
+                Some((inner, _)) => {
+                    sys::send_datagrams(inner.as_fd(), datagrams, &mut session.segment);
+                }
+                None => {
+                    let room = BACKLOG_MAX.saturating_sub(session.backlog.len());
+                    let kept = datagrams.iter().take(room).map(|d| Box::from(*d));
+                    session.backlog.extend(kept);
+                }
             }
             return;
         }
 
         let session = Session {
             inner: None,
-            backlog: vec![data.into()],
+            backlog: datagrams
+                .iter()
+                .take(BACKLOG_MAX)
+                .map(|d| Box::from(*d))
+                .collect(),
             last: now,
+            segment: true,
         };
         port.sessions.insert(client, session);
         let target = port.target;
@@ -181,6 +228,20 @@ impl Control {
             target,
         };
         self.request(Kind::Udp, target, pending);
+    }
+
+    /// Gives the batch buffers back to the system once UDP has been quiet for a while.
+    pub(super) fn release_datagrams(&mut self, now: Instant) {
+        if self.datagrams.is_some() && now - self.datagrams_used >= DATAGRAMS_KEPT {
+            self.datagrams = None;
+        }
+    }
+
+    /// When [`Control::release_datagrams`] is due, if buffers are held.
+    pub(super) fn datagrams_release_at(&self) -> Option<Instant> {
+        self.datagrams
+            .as_ref()
+            .map(|_| self.datagrams_used + DATAGRAMS_KEPT)
     }
 
     /// Sends every reply waiting on `client`'s inner socket back to the client.
