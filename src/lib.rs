@@ -330,8 +330,12 @@ pub fn output_within(mut command: Command, limit: Duration) -> Output {
 ///
 /// The builtin driver's workers keep their connections in tables of their own (threads named
 /// `rkport-worker-N`), which `/proc/PID/fd` does not list; their `/proc/PID/task/TID/fd` are
-/// read too. A process that has gone yields an empty list.
+/// read too. Sockets that no table of the kernel lists in the network namespaces of `pid` and
+/// its children (TCP sockets neither bound nor connected: the builtin driver's spares, made
+/// inside the namespace ahead of clients, whose number follows its refills rather than the
+/// connections) are left out. A process that has gone yields an empty list.
 pub fn fd_targets(pid: i32) -> Vec<String> {
+    let listed = listed_sockets(pid);
     let mut dirs = vec![PathBuf::from(format!("/proc/{pid}/fd"))];
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
@@ -346,8 +350,46 @@ pub fn fd_targets(pid: i32) -> Vec<String> {
     for dir in dirs {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let target = std::fs::read_link(entry.path()).unwrap_or_default();
-            targets.push(target.to_string_lossy().into_owned());
+            let target = target.to_string_lossy().into_owned();
+            let inode = target
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok());
+            if inode.is_none_or(|inode| listed.contains(&inode)) {
+                targets.push(target);
+            }
         }
     }
     targets
+}
+
+/// Inodes of the sockets listed in `/proc/P/net/{tcp,tcp6,udp,udp6,unix}` for `pid` and its
+/// children: every socket that is bound, listening or connected, and every unix socket, in
+/// their network namespaces.
+fn listed_sockets(pid: i32) -> std::collections::HashSet<u64> {
+    let mut pids = vec![pid.to_string()];
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    for task in tasks.flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        pids.extend(children.split_whitespace().map(str::to_owned));
+    }
+    let mut inodes = std::collections::HashSet::new();
+    for p in &pids {
+        for (table, column) in [
+            ("tcp", 9),
+            ("tcp6", 9),
+            ("udp", 9),
+            ("udp6", 9),
+            ("unix", 6),
+        ] {
+            let text =
+                std::fs::read_to_string(format!("/proc/{p}/net/{table}")).unwrap_or_default();
+            let rows = text.lines().skip(1);
+            inodes
+                .extend(rows.filter_map(|l| l.split_whitespace().nth(column)?.parse::<u64>().ok()));
+        }
+    }
+    inodes
 }

@@ -232,8 +232,10 @@ fn builtin_holds_thousands_and_forwards_every_byte() {
         per_conn < 16 * 1024,
         "{per_conn} bytes of parent RSS per held connection"
     );
+    // Two sockets per held connection, in the workers' tables (a count that missed those
+    // tables would stay near `before`; pipes pooled before the load may since have gone).
     assert!(
-        holding.parent_fds >= before.parent_fds + 2 * held,
+        holding.parent_fds >= 2 * held,
         "the parent's tables list {} descriptors while holding {held}",
         holding.parent_fds
     );

@@ -161,22 +161,26 @@ fn answer(msg: &[u8], truncated: bool) -> Option<(Reply, Option<OwnedFd>)> {
     }
 }
 
-/// Creates the requested socket: TCP with its connect in progress, UDP connected.
+/// Creates the requested socket: TCP with its connect in progress, UDP connected, or a spare
+/// TCP socket not connected.
 fn open(req: &Request) -> io::Result<OwnedFd> {
     let domain = Domain::for_address(req.target);
     let ty = match req.kind {
-        Kind::Tcp => Type::STREAM,
+        Kind::Tcp | Kind::Spare => Type::STREAM,
         Kind::Udp => Type::DGRAM,
         Kind::Channel => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
     };
     let sock = Socket::new(domain, ty.nonblocking(), None)?;
     match req.kind {
         // Best effort: the forwarder works without it, only small writes may wait for an ack.
-        Kind::Tcp => {
+        Kind::Tcp | Kind::Spare => {
             let _ = sock.set_tcp_nodelay(true);
         }
         Kind::Udp => sys::grow_socket_buffers(&sock),
         Kind::Channel => {}
+    }
+    if req.kind == Kind::Spare {
+        return Ok(sock.into());
     }
     match sock.connect(&req.target.into()) {
         Ok(()) => {}

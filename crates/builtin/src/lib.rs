@@ -5,19 +5,22 @@
 //! - [`BuiltinDriver`], in the parent (the host's network namespace), binds the host ports,
 //!   accepts connections and copies their bytes;
 //! - [`helper::serve`], run by a thread or process inside the target network namespace, opens
-//!   a socket to the published port there for each connection and passes it back with
-//!   `SCM_RIGHTS`.
+//!   sockets there on the parent's request and passes them back with `SCM_RIGHTS`.
 //!
 //! Unlike RootlessKit's driver, which opens a new unix connection and exchanges JSON for every
 //! forwarded connection, requests here are small fixed-size records with ids, pipelined on a
-//! channel ([`wire`]); the helper only starts a non-blocking connect and answers at once, and
-//! the parent's event loop waits for the handshake. The parent runs one worker thread per CPU
-//! (at least two); each watches every TCP listener, accepts, asks for inner sockets on a
-//! channel of its own (opened through the first) and moves the bytes of its connections with
-//! splice(2), borrowing a pipe per direction only while bytes wait. Each worker keeps its
-//! connections in a descriptor table of its own, so the open-files limit applies per worker.
-//! UDP sessions live on one control thread, on the first channel. No thread is started per
-//! connection.
+//! channel ([`wire`]). The parent runs one worker thread per CPU (at least two); each watches
+//! every TCP listener, accepts, and connects a spare TCP socket that the helper made inside
+//! the namespace ahead of need (asked for in batches on a channel of the worker's own, opened
+//! through the first), so a new client usually costs no round trip to the helper; a socket made
+//! inside keeps to the namespace it was made in, wherever it is connected from. Without a spare,
+//! the worker asks the helper for a socket with its connect started. Either way the worker's
+//! event loop waits for the handshake. It moves the bytes of its connections itself: the first
+//! 64 KiB of each direction through a one-page buffer, the rest with splice(2), borrowing a
+//! pipe per direction only while bytes wait. Each worker keeps its connections in a descriptor
+//! table of its own, so the open-files limit applies per worker. UDP sessions live on one
+//! control thread, on the first channel; their datagrams are read in batches and sent on in
+//! as few system calls as the kernel allows. No thread is started per connection.
 //!
 //! The crate does not enter namespaces, start processes or speak the REST API: the launcher
 //! puts the helper inside the namespace and the API server calls the [`PortDriver`] methods.

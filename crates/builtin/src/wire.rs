@@ -5,6 +5,9 @@
 //! reply's errno is 0, exactly one descriptor as `SCM_RIGHTS`. Requests may be pipelined; the
 //! helper answers them in order, but the parent matches replies by id only.
 //!
+//! A [`Kind::Spare`] request asks for a TCP socket that is not connected yet: the parent asks
+//! for a few ahead of need, in one go, so that a new client costs no round trip to the helper.
+//!
 //! A [`Kind::Channel`] request is the exception: it carries one end of a further channel as
 //! `SCM_RIGHTS` (its target is unused), gets no reply, and the helper serves the new channel
 //! alongside the first, so that each data-path worker of the parent has a channel of its own.
@@ -26,6 +29,10 @@ pub enum Kind {
     Udp = 2,
     /// Serve the channel end attached to this request too; no reply.
     Channel = 3,
+    /// A TCP socket of the target's address family, not connected: the parent keeps a few
+    /// and starts the connect itself when a client arrives (the socket stays in the
+    /// namespace it was made in). The target's address and port are unused.
+    Spare = 4,
 }
 
 /// Ask the helper for a socket connected (or connecting) to `target` inside the namespace.
@@ -71,6 +78,7 @@ impl Request {
             1 => Kind::Tcp,
             2 => Kind::Udp,
             3 => Kind::Channel,
+            4 => Kind::Spare,
             _ => return None,
         };
         let port = u16::from_le_bytes([b[10], b[11]]);

@@ -2,9 +2,13 @@
 //! connections.
 //!
 //! Every worker watches every TCP listener (with `EPOLLEXCLUSIVE`, so that one worker rather
-//! than all is woken per connection), accepts, asks the helper for the inner socket on a channel
-//! of its own (requests pipelined, replies matched by id), checks what comes back, and moves
-//! bytes both ways with splice(2), so payload never enters user space. A connection stays on
+//! than all is woken per connection), accepts, and connects a spare socket that the helper made
+//! inside the namespace ahead of need; spares are asked for in batches on a channel of the
+//! worker's own (requests pipelined, replies matched by id), so a new client usually costs no
+//! round trip to the helper. Without a spare at hand, the worker asks the helper for a socket
+//! with its connect started. It checks what comes back, and moves bytes both ways: the first
+//! 64 KiB of a direction through a one-page buffer (short exchanges cost less that way), the
+//! rest with splice(2), so bulk payload never enters user space. A connection stays on
 //! the thread that accepted it: no hand-over between threads on the hot path.
 //!
 //! A direction borrows a pipe from the worker's pool only while bytes wait in it, so idle
@@ -20,8 +24,8 @@
 //! over a `SOCK_SEQPACKET` pair ([`WorkerHandle`]), the one way to hand it a listener.
 
 use std::collections::{HashMap, VecDeque};
-use std::io;
-use std::net::{Ipv4Addr, Shutdown, SocketAddr};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,6 +45,11 @@ const PIPE_SIZE: usize = 256 * 1024;
 /// it to `PIPE_SIZE`. Short exchanges use default 64 KiB pipes: pipe capacity counts against a
 /// per-user budget (`/proc/sys/fs/pipe-user-pages-soft`), past which new pipes shrink to a page.
 const GROW_AFTER: usize = 1024 * 1024;
+/// Bytes a direction copies through a buffer before it moves to splice(2): short exchanges
+/// cost fewer cycles copied than spliced, and bulk transfers go zero-copy after this.
+const COPY_BELOW: usize = 64 * 1024;
+/// The copy buffer: one page, which an empty pipe always takes whole.
+const COPY_BUF: usize = 4096;
 /// Splice calls per direction before a busy pair yields to the others.
 const BUDGET: usize = 32;
 /// Empty pipes kept for reuse by a worker.
@@ -57,6 +66,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(75);
 /// got a number this close to the limit stops accepting for a while, and the other workers take
 /// the new connections.
 const FD_RESERVE_MAX: u64 = 256;
+/// Spare sockets (TCP, made inside, not connected) a worker keeps per address family once that
+/// family is in use; fewer than half of it asks the helper for more, all in one go, so that a
+/// new client costs no round trip to the helper and no wake-up of it.
+const SPARES: usize = 32;
+/// How long a worker asks for no spares after the helper failed to give one (it may be out of
+/// descriptors): clients are served by per-connection requests meanwhile.
+const SPARES_BACKOFF: Duration = Duration::from_secs(1);
 
 const CMD: Token = Token(0);
 const CHANNEL: Token = Token(1);
@@ -207,6 +223,24 @@ struct Dial {
     target: SocketAddr,
 }
 
+/// What a request to the helper is for.
+#[derive(Debug)]
+enum Pending {
+    /// The inner socket of an accepted client, its connect started by the helper.
+    Dial(Dial),
+    /// A spare socket of this family (IPv6 when true).
+    Spare(bool),
+}
+
+/// Spare sockets of one address family, and how many more have been asked for.
+#[derive(Debug, Default)]
+struct Spares {
+    ready: Vec<OwnedFd>,
+    asked: usize,
+    /// When the helper last failed a spare request: no more are asked for a while.
+    failed: Option<Instant>,
+}
+
 #[derive(Debug)]
 struct Worker {
     poll: Poll,
@@ -215,8 +249,10 @@ struct Worker {
     channel: Option<OwnedFd>,
     /// Encoded requests the channel could not take yet.
     outbox: VecDeque<[u8; REQUEST_LEN]>,
-    pending: HashMap<u64, Dial>,
+    pending: HashMap<u64, Pending>,
     next_request: u64,
+    /// Spare sockets for IPv4 and IPv6 targets.
+    spares: [Spares; 2],
     listeners: HashMap<PortId, Listener>,
     /// Listeners resting after an accept error, with the time to resume.
     backoff: Vec<(Instant, PortId)>,
@@ -259,6 +295,7 @@ impl Worker {
             outbox: VecDeque::new(),
             pending: HashMap::new(),
             next_request: 1,
+            spares: Default::default(),
             listeners: HashMap::new(),
             backoff: Vec::new(),
             channel_retry: None,
@@ -435,7 +472,7 @@ impl Worker {
             match listener.socket.accept() {
                 Ok((client, _)) => {
                     let fd = client.as_raw_fd() as u64;
-                    self.request(Dial {
+                    self.dial(Dial {
                         port: id,
                         client,
                         target,
@@ -455,24 +492,59 @@ impl Worker {
         }
     }
 
-    /// Queues a request for the inner socket of `dial`; sent by [`Worker::channel_ready`].
-    fn request(&mut self, dial: Dial) {
+    /// Starts the inner connection of `dial`: on a spare socket when one is ready, else by
+    /// asking the helper for a socket with its connect started.
+    fn dial(&mut self, dial: Dial) {
+        let v6 = dial.target.is_ipv6();
+        if let Some(spare) = self.spares[usize::from(v6)].ready.pop() {
+            self.refill(v6);
+            let sock = socket2::Socket::from(spare);
+            return match sock.connect(&dial.target.into()) {
+                Ok(()) => self.add(dial.port, dial.client, sock.into()),
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                    self.add(dial.port, dial.client, sock.into())
+                }
+                Err(e) => {
+                    tracing::debug!(port = dial.port, target = %dial.target, error = %e, "cannot connect inside");
+                    reset(&dial.client)
+                }
+            };
+        }
         if self.channel.is_none() {
             tracing::debug!(port = dial.port, "helper is gone, dropping connection");
             return reset(&dial.client);
         }
+        let target = dial.target;
+        self.request(Kind::Tcp, target, Pending::Dial(dial));
+        self.refill(v6);
+    }
+
+    /// Asks for spare sockets of a family when fewer than half of [`SPARES`] are ready or
+    /// asked for.
+    fn refill(&mut self, v6: bool) {
+        let spares = &self.spares[usize::from(v6)];
+        let have = spares.ready.len() + spares.asked;
+        let resting = spares.failed.is_some_and(|t| t.elapsed() < SPARES_BACKOFF);
+        if have >= SPARES / 2 || resting || self.channel.is_none() {
+            return;
+        }
+        let any: SocketAddr = if v6 {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        for _ in have..SPARES {
+            self.request(Kind::Spare, any, Pending::Spare(v6));
+        }
+        self.spares[usize::from(v6)].asked += SPARES - have;
+    }
+
+    /// Queues a request to the helper; sent by [`Worker::flush`].
+    fn request(&mut self, kind: Kind, target: SocketAddr, pending: Pending) {
         let id = self.next_request;
         self.next_request += 1;
-        let target = dial.target;
-        self.pending.insert(id, dial);
-        self.outbox.push_back(
-            Request {
-                id,
-                kind: Kind::Tcp,
-                target,
-            }
-            .encode(),
-        );
+        self.pending.insert(id, pending);
+        self.outbox.push_back(Request { id, kind, target }.encode());
     }
 
     /// Sends what waits in the outbox and takes the helper's replies.
@@ -541,9 +613,13 @@ impl Worker {
                 .deregister(&mut SourceFd(&channel.as_raw_fd()));
         }
         self.outbox.clear();
-        for (_, dial) in self.pending.drain() {
-            reset(&dial.client);
+        for (_, pending) in self.pending.drain() {
+            if let Pending::Dial(dial) = pending {
+                reset(&dial.client);
+            }
         }
+        // Sockets of a namespace whose helper is gone are of no more use.
+        self.spares = Default::default();
     }
 
     /// Checks one reply and completes its request.
@@ -558,8 +634,10 @@ impl Worker {
         let Some(reply) = Reply::decode(msg) else {
             return tracing::debug!(len = msg.len(), "malformed reply from helper");
         };
-        let Some(dial) = self.pending.remove(&reply.id) else {
-            return tracing::debug!(id = reply.id, "reply to no pending request");
+        let dial = match self.pending.remove(&reply.id) {
+            Some(Pending::Dial(dial)) => dial,
+            Some(Pending::Spare(v6)) => return self.spare(v6, &reply, fds, truncated),
+            None => return tracing::debug!(id = reply.id, "reply to no pending request"),
         };
         if truncated {
             tracing::debug!(
@@ -583,6 +661,31 @@ impl Worker {
             None => {
                 tracing::debug!(id = reply.id, "reply without a usable socket");
                 reset(&dial.client);
+            }
+        }
+    }
+
+    /// Keeps the socket of a reply to a spare request: exactly one TCP socket of the family
+    /// asked for, or nothing. Whether it is really unconnected shows when it is used: a
+    /// connect on anything else fails, and that one client is closed.
+    fn spare(&mut self, v6: bool, reply: &Reply, mut fds: Vec<OwnedFd>, truncated: bool) {
+        let spares = &mut self.spares[usize::from(v6)];
+        spares.asked = spares.asked.saturating_sub(1);
+        if truncated || reply.errno != 0 {
+            spares.failed = Some(Instant::now());
+            let error = io::Error::from_raw_os_error(reply.errno);
+            return tracing::debug!(id = reply.id, truncated, %error, "no spare socket");
+        }
+        let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+        let fd = fds
+            .pop()
+            .filter(|fd| fds.is_empty() && sys::is_socket_of(fd.as_fd(), domain, Type::STREAM));
+        match fd {
+            Some(fd) if spares.ready.len() < SPARES => spares.ready.push(fd),
+            Some(_) => {}
+            None => {
+                spares.failed = Some(Instant::now());
+                tracing::debug!(id = reply.id, "spare reply without a usable socket");
             }
         }
     }
@@ -698,7 +801,8 @@ impl Worker {
             sys::epoll_del(self.poll.as_raw_fd(), listener.socket.as_fd());
         }
         self.backoff.retain(|(_, p)| *p != id);
-        self.pending.retain(|_, dial| dial.port != id);
+        self.pending
+            .retain(|_, p| !matches!(p, Pending::Dial(dial) if dial.port == id));
         for slot in 0..self.pairs.len() {
             if matches!(&self.pairs[slot], Some(pair) if pair.port == id) {
                 self.close(slot, false);
@@ -858,6 +962,12 @@ impl Flow {
                 }
                 self.shut = true;
                 return Ok(Pumped::Done);
+            } else if self.moved < COPY_BELOW && self.pipe.is_none() {
+                match self.copy(src, dst, pool) {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(Pumped::Idle),
+                    Err(e) => return Err(e),
+                }
             } else {
                 let pipe = match self.pipe.take().or_else(|| pool.pop()) {
                     Some(pipe) => self.pipe.insert(pipe),
@@ -875,6 +985,52 @@ impl Flow {
             }
         }
         Ok(Pumped::Busy)
+    }
+}
+
+impl Flow {
+    /// Moves one read's worth (at most a page) from `src` to `dst` through a buffer on the
+    /// stack: for the first bytes of a direction, where messages are short, one read and one
+    /// write cost less than two splices and a pipe. What `dst` cannot take at once goes into a
+    /// borrowed pipe and leaves from there like spliced bytes, so order is kept. False when
+    /// `src` had nothing to read.
+    fn copy(
+        &mut self,
+        mut src: &TcpStream,
+        mut dst: &TcpStream,
+        pool: &mut Vec<Pipe>,
+    ) -> io::Result<bool> {
+        let mut buf = [0u8; COPY_BUF];
+        let n = match src.read(&mut buf) {
+            Ok(0) => {
+                self.eof = true;
+                return Ok(true);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        self.moved += n;
+        let sent = match dst.write(&buf[..n]) {
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        if sent < n {
+            // An empty pipe takes a page at once, even one shrunk to a page by the per-user
+            // pipe budget; anything short of that is refused rather than lost.
+            let pipe = match pool.pop() {
+                Some(pipe) => self.pipe.insert(pipe),
+                None => self.pipe.insert(Pipe::new()?),
+            };
+            let rest = &buf[sent..n];
+            if nix::unistd::write(&pipe.write, rest)? != rest.len() {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.buffered += rest.len();
+        }
+        Ok(true)
     }
 }
 

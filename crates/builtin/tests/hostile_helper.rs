@@ -20,6 +20,7 @@ use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
 
@@ -97,7 +98,7 @@ fn sock(domain: Domain, ty: Type, echo: SocketAddr) -> OwnedFd {
 fn good(kind: Kind, echo: SocketAddr) -> OwnedFd {
     match kind {
         Kind::Udp => sock(Domain::IPV4, Type::DGRAM, echo),
-        Kind::Tcp | Kind::Channel => sock(Domain::IPV4, Type::STREAM, echo),
+        Kind::Tcp | Kind::Channel | Kind::Spare => sock(Domain::IPV4, Type::STREAM, echo),
     }
 }
 
@@ -118,7 +119,7 @@ fn act(chan: &OwnedFd, req: &Request, b: Misbehave, echo: SocketAddr) {
     let raw = |fds: &[OwnedFd]| fds.iter().map(AsRawFd::as_raw_fd).collect::<Vec<_>>();
     let wrong_type = match req.kind {
         Kind::Udp => sock(Domain::IPV4, Type::STREAM, echo),
-        Kind::Tcp | Kind::Channel => sock(Domain::IPV4, Type::DGRAM, echo),
+        Kind::Tcp | Kind::Channel | Kind::Spare => sock(Domain::IPV4, Type::DGRAM, echo),
     };
     match b {
         Misbehave::GarbageThenGood => {
@@ -246,18 +247,83 @@ fn next_request(chans: &mut Vec<OwnedFd>) -> Option<(usize, Request)> {
     }
 }
 
+/// How the fake helper answers spare-socket requests, and where socket requests take their
+/// behaviour from: [`STRICT`], [`FREE`], or `FIRST_SPARE_MODE + i` for `SPARE_MODES[i]`.
+static SPARE_MODE: AtomicUsize = AtomicUsize::new(STRICT);
+/// Spare requests are refused; each socket request waits for its behaviour in the plan.
+const STRICT: usize = 0;
+/// Spare requests are refused; a socket request with no behaviour planned is served well.
+const FREE: usize = 1;
+const FIRST_SPARE_MODE: usize = 2;
+/// What spare requests get in turn; `None` is a real spare (a TCP socket not connected).
+const SPARE_MODES: [Option<Misbehave>; 10] = [
+    Some(Misbehave::Pipe),
+    Some(Misbehave::Listening),
+    Some(Misbehave::WrongType),
+    Some(Misbehave::WrongDomain),
+    Some(Misbehave::TwoFds),
+    Some(Misbehave::ManyFds),
+    Some(Misbehave::ErrnoWithFd),
+    Some(Misbehave::GarbageThenGood),
+    Some(Misbehave::Duplicate),
+    None,
+];
+
+/// Answers a spare-socket request as [`SPARE_MODE`] says.
+fn act_spare(chan: &OwnedFd, req: &Request, echo: SocketAddr) {
+    match SPARE_MODE.load(Ordering::SeqCst) {
+        STRICT | FREE => reply(chan, req.id, libc::ENOMEM, &[]),
+        mode => match SPARE_MODES[mode - FIRST_SPARE_MODE] {
+            Some(b) => act(chan, req, b, echo),
+            None => {
+                let spare =
+                    Socket::new(Domain::IPV4, Type::STREAM.nonblocking(), None).expect("socket");
+                reply(chan, req.id, 0, &[spare.as_raw_fd()]);
+            }
+        },
+    }
+}
+
 /// The fake helper: before any request, floods the parent with unsolicited messages carrying
-/// pipes; then answers each request as `plan` says and reports its kind on `seen`; returns
-/// (closing all its channels) when `plan` is closed.
+/// pipes; then answers spare requests as [`SPARE_MODE`] says and every other request as `plan`
+/// says (or well, when nothing is planned outside [`STRICT`] mode), reporting its kind on
+/// `seen`; returns (closing all its channels) when a request finds `plan` closed.
 fn fake_helper(chan: OwnedFd, plan: Receiver<Misbehave>, seen: Sender<Kind>, echo: SocketAddr) {
     flood(&chan);
     let mut chans = vec![chan];
-    while let Ok(b) = plan.recv() {
+    loop {
         let Some((i, req)) = next_request(&mut chans) else {
             return;
         };
+        if req.kind == Kind::Spare {
+            act_spare(&chans[i], &req, echo);
+            continue;
+        }
+        let b = match SPARE_MODE.load(Ordering::SeqCst) {
+            STRICT => plan.recv().ok(),
+            _ => match plan.try_recv() {
+                Ok(b) => Some(b),
+                Err(mpsc::TryRecvError::Empty) => Some(Misbehave::GarbageThenGood),
+                Err(mpsc::TryRecvError::Disconnected) => None,
+            },
+        };
+        let Some(b) = b else { return };
         act(&chans[i], &req, b, echo);
         let _ = seen.send(req.kind);
+    }
+}
+
+/// Whether `client` is either served (its message echoed) or closed promptly.
+fn served_or_closed(client: &mut TcpStream, what: &str) {
+    let _ = client.write_all(what.as_bytes());
+    let _ = client.shutdown(Shutdown::Write);
+    let mut back = Vec::new();
+    match client.read_to_end(&mut back) {
+        Ok(_) => assert!(
+            back.is_empty() || back == what.as_bytes(),
+            "{what}: got {back:?}"
+        ),
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{what}: {e}"),
     }
 }
 
@@ -359,6 +425,40 @@ fn misbehaving_helper_cannot_crash_or_hang_the_parent() -> Result {
     driver.remove_port(udp.id)?;
     drop(client);
 
+    // Spare sockets, asked for ahead of clients: whatever comes back, each client is served
+    // or closed promptly. A failed spare request makes a worker rest before asking again.
+    for (mode, answer) in SPARE_MODES.iter().enumerate() {
+        SPARE_MODE.store(FIRST_SPARE_MODE + mode, Ordering::SeqCst);
+        thread::sleep(std::time::Duration::from_millis(1100));
+        for i in 0..20 {
+            let what = format!("spare {answer:?} client {i}");
+            served_or_closed(&mut connect(addr)?, &what);
+        }
+    }
+    // Spares still held (real ones, or sockets that pass for them) are used up by clients,
+    // several at a time so that every worker gets some.
+    SPARE_MODE.store(FREE, Ordering::SeqCst);
+    for round in 0..50 {
+        if fd_count().1 <= baseline.1 {
+            break;
+        }
+        let clients: Vec<_> = (0..2 * workers)
+            .map(|t| {
+                thread::spawn(move || {
+                    for i in 0..8 {
+                        let mut client = connect(addr).expect("connect");
+                        served_or_closed(&mut client, &format!("draining {round}/{t}/{i}"));
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().expect("draining client");
+        }
+    }
+    SPARE_MODE.store(STRICT, Ordering::SeqCst);
+    while seen.try_recv().is_ok() {}
+
     // Nothing the helper sent is left open in the parent.
     let settled = wait_until("descriptors sent by the helper to be closed", || {
         // Workers borrow pipes from pools that may have grown meanwhile (up to POOL_MARGIN ends
@@ -378,8 +478,11 @@ fn misbehaving_helper_cannot_crash_or_hang_the_parent() -> Result {
     let mut pending = connect(addr)?;
     assert_eq!(seen.recv()?, Kind::Tcp);
     drop(plan);
+    // The next request finds the plan closed, and the helper closes its channels.
+    let mut last = connect(addr)?;
     helper.join().expect("fake helper");
     closed_promptly(&mut pending, "pending when the channel closed");
+    closed_promptly(&mut last, "asking when the channel closed");
 
     // Without a helper the driver still answers, clients are closed, ports come and go.
     closed_promptly(&mut connect(addr)?, "after the channel closed");

@@ -510,15 +510,15 @@ fn accept_survives_descriptor_exhaustion() -> Result {
 
     let addr = local(port);
     let pid = driver.0.id();
-    let baseline = socket_count(pid)?; // no connection yet
+    let baseline = socket_count(pid, ns.pid())?; // no connection yet
     assert_eq!(request(addr, b"sanity")?, b"sanity");
     let held: Vec<_> = (0..60).map(|_| connect(addr)).collect::<Result<_>>()?;
     drop(held);
     let drained = wait_until("the spike to drain", || {
-        Ok(accept_queue(port)? == 0 && socket_count(pid)? == baseline)
+        Ok(accept_queue(port)? == 0 && socket_count(pid, ns.pid())? == baseline)
     });
     if let Err(e) = drained {
-        let (queue, sockets) = (accept_queue(port)?, socket_count(pid)?);
+        let (queue, sockets) = (accept_queue(port)?, socket_count(pid, ns.pid())?);
         let fds = support::fd_targets(pid)?;
         return Err(format!(
             "{e}: accept queue {queue}, {sockets} sockets (baseline {baseline}): {fds:?}"

@@ -244,10 +244,35 @@ pub fn fd_targets(pid: u32) -> Result<Vec<String>> {
     Ok(targets)
 }
 
-/// Sockets among the descriptors of process `pid`, in all its tables.
-pub fn socket_count(pid: u32) -> Result<usize> {
+/// Sockets among the descriptors of process `pid`, in all its tables, that the kernel lists
+/// in the network namespace of `pid` or of `ns` (the namespace side): bound, listening or
+/// connected TCP and UDP sockets, and unix sockets. TCP sockets neither bound nor connected,
+/// the driver's spares, are not counted: how many it holds follows its refills, not the
+/// connections.
+pub fn socket_count(pid: u32, ns: u32) -> Result<usize> {
+    let mut listed = std::collections::HashSet::new();
+    for p in [pid, ns] {
+        for (table, column) in [
+            ("tcp", 9),
+            ("tcp6", 9),
+            ("udp", 9),
+            ("udp6", 9),
+            ("unix", 6),
+        ] {
+            let text = std::fs::read_to_string(format!("/proc/{p}/net/{table}"))?;
+            let rows = text.lines().skip(1);
+            listed
+                .extend(rows.filter_map(|l| l.split_whitespace().nth(column)?.parse::<u64>().ok()));
+        }
+    }
     let targets = fd_targets(pid)?;
-    Ok(targets.iter().filter(|t| t.starts_with("socket:")).count())
+    let inodes = targets.iter().filter_map(|t| {
+        t.strip_prefix("socket:[")?
+            .strip_suffix(']')?
+            .parse::<u64>()
+            .ok()
+    });
+    Ok(inodes.filter(|i| listed.contains(i)).count())
 }
 
 /// Connections waiting in the accept queue of the TCP listener on 127.0.0.1:`port`, from
