@@ -340,6 +340,7 @@ impl Worker {
                     token => {
                         let hint = Hint {
                             inner: token.0 % 2 == 1,
+                            readable: event.is_readable(),
                             writable: event.is_writable(),
                             failed: event.is_error() || event.is_read_closed(),
                         };
@@ -737,11 +738,16 @@ impl Worker {
             return;
         };
         let mut spurious = hint.filter(|h| h.writable);
+        let mut hint = hint;
         if !pair.connected {
             spurious = None;
             match pair.connecting(hint) {
                 Ok(false) => return,
-                Ok(true) => pair.connected = true,
+                Ok(true) => {
+                    pair.connected = true;
+                    // The client may have sent before the connect finished: both ways.
+                    hint = None;
+                }
                 Err(e) => {
                     tracing::debug!(port = pair.port, error = %e, "forwarded connection failed before connect");
                     return self.close(slot, true);
@@ -749,7 +755,7 @@ impl Worker {
             }
         }
 
-        let pumped = pair.pump(&mut self.pool);
+        let pumped = pair.pump(&mut self.pool, directions(hint));
         let open = matches!(pumped, Ok(Pumped::Idle | Pumped::Busy));
         let watched = match open {
             true => pair.watch_writable(&self.poll, slot, spurious),
@@ -823,6 +829,7 @@ fn give_back(pool: &mut Vec<Pipe>, pipe: Pipe) {
 struct Hint {
     /// The inner socket (else the client).
     inner: bool,
+    readable: bool,
     writable: bool,
     /// Error or end of file.
     failed: bool,
@@ -889,14 +896,21 @@ impl Pair {
         Ok(())
     }
 
-    /// Moves what can be moved in both directions, borrowing pipes from `pool`.
-    fn pump(&mut self, pool: &mut Vec<Pipe>) -> io::Result<Pumped> {
-        let up = self
-            .up
-            .pump(&self.client, &self.inner, pool, self.down.shut)?;
-        let down = self
-            .down
-            .pump(&self.inner, &self.client, pool, self.up.shut)?;
+    /// Moves what can be moved in the directions asked (client to inner, inner to client),
+    /// borrowing pipes from `pool`.
+    fn pump(&mut self, pool: &mut Vec<Pipe>, (up, down): (bool, bool)) -> io::Result<Pumped> {
+        let up = match up {
+            true => self
+                .up
+                .pump(&self.client, &self.inner, pool, self.down.shut)?,
+            false => self.up.state(),
+        };
+        let down = match down {
+            true => self
+                .down
+                .pump(&self.inner, &self.client, pool, self.up.shut)?,
+            false => self.down.state(),
+        };
         Ok(match (up, down) {
             (Pumped::Busy, _) | (_, Pumped::Busy) => Pumped::Busy,
             (Pumped::Done, Pumped::Done) => Pumped::Done,
@@ -905,7 +919,30 @@ impl Pair {
     }
 }
 
+/// The directions (client to inner, inner to client) an event can have let move: the one
+/// reading from a readable socket and the one writing to a writable one. Sockets are watched
+/// edge-triggered, so a direction not woken has nothing new to do; errors, ends of file and
+/// re-pumps (no hint) look at both.
+fn directions(hint: Option<Hint>) -> (bool, bool) {
+    match hint {
+        Some(h) if !h.failed => {
+            let up = (!h.inner && h.readable) || (h.inner && h.writable);
+            let down = (h.inner && h.readable) || (!h.inner && h.writable);
+            (up, down)
+        }
+        _ => (true, true),
+    }
+}
+
 impl Flow {
+    /// How the direction stands when it is not pumped.
+    fn state(&self) -> Pumped {
+        match self.shut {
+            true => Pumped::Done,
+            false => Pumped::Idle,
+        }
+    }
+
     /// Drains the pipe into `dst` and refills it from `src` until one would block, the budget
     /// is spent, or `src` has ended and `dst` has been shut down for writing. The pipe is
     /// borrowed from `pool` for the call and given back when left empty, unless the direction
