@@ -15,9 +15,9 @@
 //! through the first), so a new client usually costs no round trip to the helper; a socket made
 //! inside keeps to the namespace it was made in, wherever it is connected from. Without a spare,
 //! the worker asks the helper for a socket with its connect started. Either way the worker's
-//! event loop waits for the handshake. It moves the bytes of its connections itself: the first
-//! 64 KiB of each direction through a one-page buffer, the rest with splice(2), borrowing a
-//! pipe per direction only while bytes wait. Each worker keeps its connections in a descriptor
+//! event loop waits for the handshake. It moves the bytes of its connections itself: short
+//! messages through a one-page buffer, bulk (from the first read that fills the page) with
+//! splice(2), borrowing a pipe per direction only while bytes wait. Each worker keeps its connections in a descriptor
 //! table of its own, so the open-files limit applies per worker. UDP sessions live on one
 //! control thread, on the first channel; their datagrams are read in batches and sent on in
 //! as few system calls as the kernel allows. No thread is started per connection.

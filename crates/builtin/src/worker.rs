@@ -6,9 +6,9 @@
 //! inside the namespace ahead of need; spares are asked for in batches on a channel of the
 //! worker's own (requests pipelined, replies matched by id), so a new client usually costs no
 //! round trip to the helper. Without a spare at hand, the worker asks the helper for a socket
-//! with its connect started. It checks what comes back, and moves bytes both ways: the first
-//! 64 KiB of a direction through a one-page buffer (short exchanges cost less that way), the
-//! rest with splice(2), so bulk payload never enters user space. A connection stays on
+//! with its connect started. It checks what comes back, and moves bytes both ways: through a
+//! one-page buffer while a direction carries only short messages (they cost less that way),
+//! with splice(2) once a read fills the page, so bulk payload never enters user space. A connection stays on
 //! the thread that accepted it: no hand-over between threads on the hot path.
 //!
 //! A direction borrows a pipe from the worker's pool only while bytes wait in it, so idle
@@ -45,10 +45,9 @@ const PIPE_SIZE: usize = 256 * 1024;
 /// it to `PIPE_SIZE`. Short exchanges use default 64 KiB pipes: pipe capacity counts against a
 /// per-user budget (`/proc/sys/fs/pipe-user-pages-soft`), past which new pipes shrink to a page.
 const GROW_AFTER: usize = 1024 * 1024;
-/// Bytes a direction copies through a buffer before it moves to splice(2): short exchanges
-/// cost fewer cycles copied than spliced, and bulk transfers go zero-copy after this.
-const COPY_BELOW: usize = 64 * 1024;
-/// The copy buffer: one page, which an empty pipe always takes whole.
+/// The copy buffer of a direction that has only carried short messages so far (a read has
+/// never filled it): those cost fewer cycles copied than spliced. One page, which an empty pipe
+/// always takes whole. The first read that fills it moves the direction to splice(2) for good.
 const COPY_BUF: usize = 4096;
 /// Splice calls per direction before a busy pair yields to the others.
 const BUDGET: usize = 32;
@@ -173,8 +172,11 @@ struct Flow {
     /// Borrowed from the pool while bytes wait in it; kept once the direction is bulk.
     pipe: Option<Pipe>,
     buffered: usize,
-    /// Bytes moved so far, up to `GROW_AFTER`.
+    /// Bytes spliced so far, up to `GROW_AFTER`.
     moved: usize,
+    /// Whether a read has filled the copy buffer: the direction carries more than short
+    /// messages, and moves by splice(2) from then on.
+    bulk: bool,
     eof: bool,
     shut: bool,
 }
@@ -999,7 +1001,7 @@ impl Flow {
                 }
                 self.shut = true;
                 return Ok(Pumped::Done);
-            } else if self.moved < COPY_BELOW && self.pipe.is_none() {
+            } else if !self.bulk && self.pipe.is_none() {
                 match self.copy(src, dst, pool) {
                     Ok(true) => {}
                     Ok(false) => return Ok(Pumped::Idle),
@@ -1027,8 +1029,8 @@ impl Flow {
 
 impl Flow {
     /// Moves one read's worth (at most a page) from `src` to `dst` through a buffer on the
-    /// stack: for the first bytes of a direction, where messages are short, one read and one
-    /// write cost less than two splices and a pipe. What `dst` cannot take at once goes into a
+    /// stack: for short messages, one read and one write cost less than two splices and a
+    /// pipe. What `dst` cannot take at once goes into a
     /// borrowed pipe and leaves from there like spliced bytes, so order is kept. False when
     /// `src` had nothing to read.
     fn copy(
@@ -1048,7 +1050,7 @@ impl Flow {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
             Err(e) => return Err(e),
         };
-        self.moved += n;
+        self.bulk = n == COPY_BUF;
         let sent = match dst.write(&buf[..n]) {
             Ok(k) => k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
