@@ -17,15 +17,19 @@ use anyhow::{bail, Context, Result};
 
 use crate::util::{cargo, run as sh, workspace_root};
 
-/// The fuzz targets, in the order they run.
-const TARGETS: &[&str] = &["spec_parse", "api_decode"];
+/// The fuzz targets, in the order they run, with the longest input libFuzzer builds for each:
+/// enough for nesting past serde_json's recursion limit, and for the gate, request heads past
+/// its 16 KiB limit.
+const TARGETS: &[(&str, usize)] = &[
+    ("spec_parse", 4096),
+    ("api_decode", 4096),
+    ("api_gate", 20_000),
+];
 /// How long each target runs when no duration is given.
 const DEFAULT_SECONDS: u64 = 60;
 /// libFuzzer's per-input limits: a slower or bigger input counts as a failure.
 const INPUT_TIMEOUT_SECONDS: u64 = 10;
 const RSS_LIMIT_MB: u64 = 2048;
-/// Longest input libFuzzer builds; enough for nesting past serde_json's recursion limit.
-const MAX_INPUT_LEN: usize = 4096;
 
 pub fn run(args: &[String]) -> Result<()> {
     let seconds = match args {
@@ -43,8 +47,8 @@ pub fn run(args: &[String]) -> Result<()> {
 /// Runs each target for `seconds`, failing on the first crash, timeout or memory blow-up.
 pub fn run_for(seconds: u64) -> Result<()> {
     ensure_cargo_fuzz()?;
-    for target in TARGETS {
-        run_target(target, seconds)?;
+    for &(target, max_len) in TARGETS {
+        run_target(target, max_len, seconds)?;
     }
     eprintln!(
         "fuzz: no crash in {} targets, {seconds} s each",
@@ -53,7 +57,7 @@ pub fn run_for(seconds: u64) -> Result<()> {
     Ok(())
 }
 
-fn run_target(target: &str, seconds: u64) -> Result<()> {
+fn run_target(target: &str, max_len: usize, seconds: u64) -> Result<()> {
     let root = workspace_root();
     let seeds = root.join("fuzz/corpus").join(target);
     let scratch = root.join("fuzz/target/corpus").join(target);
@@ -68,7 +72,7 @@ fn run_target(target: &str, seconds: u64) -> Result<()> {
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-timeout={INPUT_TIMEOUT_SECONDS}"))
         .arg(format!("-rss_limit_mb={RSS_LIMIT_MB}"))
-        .arg(format!("-max_len={MAX_INPUT_LEN}"))
+        .arg(format!("-max_len={max_len}"))
         .arg("-print_final_stats=1"))
     .with_context(|| {
         format!("fuzz target {target} failed; the input is in fuzz/artifacts/{target}")

@@ -333,7 +333,7 @@ fn relay(client: UnixStream, shared: &Shared) {
 /// Checks the first request, then connects the client to tiny_http: this thread copies the
 /// answers back while another hands the requests on.
 fn serve(client: &Arc<UnixStream>, shared: &Shared) {
-    let mut incoming = Incoming::new(client.clone());
+    let mut incoming = Incoming::new(ClientStream(client.clone()));
     let first = match incoming.next_request() {
         Ok(first) => first,
         Err(Stop::End) => return,
@@ -552,15 +552,24 @@ enum Body {
 }
 
 /// The client's side of a relayed connection, read one request at a time.
-struct Incoming {
-    client: Arc<UnixStream>,
+struct Incoming<R = ClientStream> {
+    client: R,
     /// Bytes read from the client and not handed on yet, from `pos`.
     buf: Vec<u8>,
     pos: usize,
 }
 
-impl Incoming {
-    fn new(client: Arc<UnixStream>) -> Incoming {
+/// A relayed client's stream, read through its shared handle.
+struct ClientStream(Arc<UnixStream>);
+
+impl Read for ClientStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
+impl<R: Read> Incoming<R> {
+    fn new(client: R) -> Incoming<R> {
         Incoming {
             client,
             buf: Vec::new(),
@@ -579,7 +588,7 @@ impl Incoming {
         let old = self.buf.len();
         self.buf.resize(old + READ_SIZE, 0);
         loop {
-            match (&*self.client).read(&mut self.buf[old..]) {
+            match self.client.read(&mut self.buf[old..]) {
                 Ok(n) if n > 0 => {
                     self.buf.truncate(old + n);
                     return Ok(());
@@ -697,7 +706,7 @@ impl Incoming {
     }
 
     /// Copies the next `length` bytes of the client's stream to `to`.
-    fn copy_body(&mut self, mut length: usize, mut to: &UnixStream) -> Result<(), Stop> {
+    fn copy_body(&mut self, mut length: usize, mut to: impl Write) -> Result<(), Stop> {
         loop {
             let now = length.min(self.buffered().len());
             if now > 0 {
@@ -970,5 +979,63 @@ mod tests {
             body,
             format!("{{\"message\":\"request body too large (limit {MAX_BODY} bytes)\"}}\n")
         );
+    }
+}
+
+/// What the gate makes of one request read by [`read_requests`].
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateRead {
+    /// Passed on to the HTTP server: the head as forwarded, and the body's bytes.
+    Forwarded { head: Vec<u8>, body: Vec<u8> },
+    /// Answered by the gate itself with this status; nothing further is read.
+    Refused(u16),
+}
+
+/// Reads `data` as the gate reads a client's stream that ends after it: each request head is
+/// checked and each body framed, as for relaying to the HTTP server. Stops at the end of the
+/// data, after a refusal, or after a request that is the connection's last. Not part of the
+/// API: it exists for the fuzz target `api_gate`.
+#[doc(hidden)]
+pub fn read_requests(data: &[u8]) -> Vec<GateRead> {
+    let mut incoming = Incoming::new(data);
+    let mut out = Vec::new();
+    loop {
+        let request = match incoming.next_request() {
+            Ok(request) => request,
+            Err(Stop::End) => return out,
+            Err(Stop::Refuse(refusal)) => {
+                out.push(GateRead::Refused(refusal.status));
+                return out;
+            }
+        };
+        let body = match request.body {
+            Body::Decoded(body) => body,
+            Body::Streamed(length) => {
+                let mut body = Vec::new();
+                if incoming.copy_body(length, &mut body).is_err() {
+                    return out; // the stream ended inside the body
+                }
+                body
+            }
+        };
+        out.push(GateRead::Forwarded {
+            head: request.head,
+            body,
+        });
+        if request.last {
+            return out;
+        }
+    }
+}
+
+/// Checks a head as the gate does: `Some(body length)` for a head that needs no decoding
+/// (`Content-Length` framing), `None` when it would be refused or is chunked. Not part of the
+/// API: it exists for the fuzz target `api_gate`, to check that forwarded heads pass again.
+#[doc(hidden)]
+pub fn head_body_length(head: &[u8]) -> Option<u64> {
+    match check_head(head).ok()?.framing {
+        Framing::Length(length) => Some(length),
+        Framing::Chunked => None,
     }
 }

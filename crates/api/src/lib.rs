@@ -21,5 +21,7 @@ pub mod types;
 
 pub use client::{Client, ClientError};
 pub use decode::decode_port_spec;
+#[doc(hidden)]
+pub use gate::{head_body_length, read_requests, GateRead};
 pub use server::{ApiServer, ApiState};
 pub use types::{ErrorBody, Info, NetworkDriverInfo, API_VERSION};
