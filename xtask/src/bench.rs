@@ -1,6 +1,7 @@
-//! `cargo xtask bench [--quick] [--rounds N] [--only NAME,...] [--no-write]`: host to
-//! namespace traffic through a published port, for our drivers, upstream RootlessKit 1.1,
-//! pasta and two kernel-only limits.
+//! `cargo xtask bench [--quick] [--rounds N] [--only NAME,...] [--no-write] [--no-load]`: host
+//! to namespace traffic through a published port, for our drivers, upstream RootlessKit 1.1,
+//! pasta and two kernel-only limits; then (not with `--quick` or `--no-load`) the full-size load
+//! test through the builtin driver (10,000 held and 1,000,000 short connections).
 //!
 //! Each setup runs the workload `netbench serve` (benches/netbench.rs: iperf3 server, a
 //! reply-and-close port and an echo port) behind its forwarder; the clients run on the host.
@@ -133,6 +134,8 @@ struct Options {
     rounds: usize,
     only: Option<Vec<String>>,
     write: bool,
+    /// Whether the full-size load test runs after the rounds.
+    load: bool,
 }
 
 /// Measurements of one round: (setup, metric) -> value.
@@ -147,6 +150,8 @@ pub struct Outcome {
     pub command: String,
     pub notes: Vec<String>,
     pub forwarders: BTreeMap<String, Vec<String>>,
+    /// The full-size load test's summary line, when it ran.
+    pub load: Option<String>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -169,12 +174,17 @@ pub fn run(args: &[String]) -> Result<()> {
             .to_owned(),
         notes: env.notes.clone(),
         forwarders: BTreeMap::new(),
+        load: None,
     };
     for round in 0..opts.rounds {
         let mut order = setups.clone();
         order.rotate_left(round % setups.len());
         let results = run_round(&env, &order, lengths, round, &mut outcome)?;
         outcome.rounds.push(results);
+    }
+
+    if opts.load {
+        outcome.load = Some(full_load()?);
     }
 
     let text = report::markdown(&outcome);
@@ -188,28 +198,64 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The load test of `tests/robustness/load.rs` at full size (10,000 connections held through
+/// one builtin port, then 1,000,000 short ones, every byte checked), release build; its summary
+/// line. Fails the benchmark when the test fails.
+fn full_load() -> Result<String> {
+    let release = crate::util::workspace_root().join("target/release");
+    let mut cmd = cargo();
+    cmd.args(["test", "--release", "--test", "robustness"])
+        .args([
+            "--",
+            "--exact",
+            "robustness::load::builtin_holds_thousands_and_forwards_every_byte",
+        ])
+        .arg("--nocapture")
+        .env("RKPORT_FULL_LOAD", "1")
+        .env("RKPORT_BIN_DIR", &release);
+    eprintln!("== full-size load test\n+ {}", crate::util::describe(&cmd));
+    let out = cmd.output().context("cannot start the load test")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("the full-size load test failed ({}):\n{text}", out.status);
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("load: "))
+        .map(str::to_owned)
+        .context("the load test printed no summary line")
+}
+
 fn parse(args: &[String]) -> Result<Options> {
     let mut opts = Options {
         quick: false,
         rounds: 3,
         only: None,
         write: true,
+        load: true,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => opts.quick = true,
             "--no-write" => opts.write = false,
+            "--no-load" => opts.load = false,
             "--rounds" => opts.rounds = it.next().context("--rounds needs a number")?.parse()?,
             "--only" => {
                 let list = it.next().context("--only needs setup names")?;
                 opts.only = Some(list.split(',').map(str::to_owned).collect());
             }
-            other => bail!("unknown bench option {other:?}; options: --quick, --rounds N, --only A,B, --no-write"),
+            other => bail!("unknown bench option {other:?}; options: --quick, --rounds N, --only A,B, --no-write, --no-load"),
         }
     }
     if opts.quick && !args.iter().any(|a| a == "--rounds") {
         opts.rounds = 1;
+    }
+    if opts.quick {
+        opts.load = false;
     }
     if opts.rounds == 0 {
         bail!("--rounds must be at least 1");
