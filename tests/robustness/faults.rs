@@ -410,7 +410,7 @@ fn info_status(socket: &std::path::Path) -> Option<u16> {
 fn descriptor_exhaustion_in_rootlesskit_passes() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let state = tmp.path().join("s");
-    let (echo, control) = (rkport_e2e::free_port(), rkport_e2e::free_port());
+    let [echo, control] = rkport_e2e::free_ports();
     let exe = std::env::current_exe().expect("test executable");
     let child = std::process::Command::new("prlimit")
         .arg("--nofile=200:200")

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rkport_e2e::{free_port, retry, Kit};
+use rkport_e2e::{retry, Kit};
 
 use super::ns::{fnv, CONTROL, ECHO, FNV_INIT, ROLE, STATS, STREAM};
 
@@ -40,7 +40,7 @@ impl Lab {
     pub fn start(net: &[&str]) -> Lab {
         let tmp = tempfile::tempdir().expect("temp dir");
         let state = tmp.path().join("s");
-        let (echo, stream, stats, control) = (free_port(), free_port(), free_port(), free_port());
+        let [echo, stream, stats, control] = rkport_e2e::free_ports();
         let mut args: Vec<String> = if net.is_empty() {
             vec!["--net=none".into()]
         } else {

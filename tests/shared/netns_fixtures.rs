@@ -151,10 +151,16 @@ pub fn spawn_ready(cmd: &mut Command) -> io::Result<Proc> {
 
 /// A port that was free on 127.0.0.1 for both TCP and UDP a moment ago.
 pub fn free_port() -> u16 {
+    free_port_but(&[])
+}
+
+/// A free port (TCP and UDP) other than those in `taken`: two separate picks can return the
+/// same port.
+pub fn free_port_but(taken: &[u16]) -> u16 {
     loop {
         let tcp = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
         let port = tcp.local_addr().expect("local addr").port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        if !taken.contains(&port) && UdpSocket::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }

@@ -48,7 +48,8 @@ fn tcp_and_udp_add_list_remove() -> TestResult {
     let _tcp = ns.python(common::TCP_SERVER, &["9001"])?;
     let _udp = ns.python(common::UDP_SERVER, &["9002"])?;
     let driver = driver(&slirp);
-    let (tp, up) = (free_port(), free_port());
+    let tp = free_port();
+    let up = common::free_port_but(&[tp]);
 
     // Publish, and check the ids are slirp4netns's own.
     let t = driver.add_port(&spec(&format!("127.0.0.1:{tp}:9001/tcp4")))?;
@@ -286,7 +287,8 @@ fn c16_udp_replies_arrive_with_the_host_loopback_guard() -> TestResult {
     assert!(driver.udp_reply_warning().is_none());
 
     // Forwards work both ways: their replies belong to flows the host opened.
-    let (up, tp) = (free_port(), free_port());
+    let up = free_port();
+    let tp = common::free_port_but(&[up]);
     driver.add_port(&spec(&format!("127.0.0.1:{up}:9017/udp")))?;
     driver.add_port(&spec(&format!("127.0.0.1:{tp}:9018/tcp")))?;
     assert_eq!(udp_exchange(local(up), b"hello")?, b"echo:hello");

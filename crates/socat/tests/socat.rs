@@ -57,7 +57,8 @@ fn tcp_bytes_and_half_close_both_ways() -> TestResult {
     let _echo = ns.python(common::TCP_SERVER, &["9001"])?;
     let mut rev = ns.python(common::TCP_SERVER, &["9003", "rev"])?;
     let driver = SocatDriver::new(ns.pid())?;
-    let (p1, p2) = (free_port(), free_port());
+    let p1 = free_port();
+    let p2 = common::free_port_but(&[p1]);
     driver.add_port(&spec(&format!("127.0.0.1:{p1}:9001/tcp")))?;
     driver.add_port(&spec(&format!("127.0.0.1:{p2}:9003/tcp4")))?;
 
@@ -118,7 +119,8 @@ fn add_list_remove_kills_helpers_and_frees_the_port() -> TestResult {
     let ns = Netns::new()?;
     let _echo = ns.python(common::TCP_SERVER, &["9001"])?;
     let driver = SocatDriver::new(ns.pid())?;
-    let (p1, p2) = (free_port(), free_port());
+    let p1 = free_port();
+    let p2 = common::free_port_but(&[p1]);
     let a = driver.add_port(&spec(&format!("127.0.0.1:{p1}:9001/tcp")))?;
     let b = driver.add_port(&spec(&format!("127.0.0.1:{p2}:9001/tcp")))?;
     assert_eq!(driver.list_ports()?, [a.clone(), b.clone()]);
