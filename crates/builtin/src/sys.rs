@@ -550,7 +550,16 @@ pub fn send_datagrams(sock: BorrowedFd<'_>, datagrams: &[&[u8]], segment: &mut b
     while !rest.is_empty() {
         let run = if *segment { segment_run(rest) } else { 1 };
         if run > 1 {
-            match send_segmented(sock, &rest[..run]) {
+            let mut sent = send_segmented(sock, &rest[..run]);
+            // ECONNREFUSED reports an earlier datagram's ICMP error, and clears it: these
+            // datagrams were never tried.
+            if sent
+                .as_ref()
+                .is_err_and(|e| e.raw_os_error() == Some(libc::ECONNREFUSED))
+            {
+                sent = send_segmented(sock, &rest[..run]);
+            }
+            match sent {
                 Ok(()) => {
                     rest = &rest[run..];
                     continue;
@@ -564,8 +573,10 @@ pub fn send_datagrams(sock: BorrowedFd<'_>, datagrams: &[&[u8]], segment: &mut b
                     tracing::debug!(error = %e, "UDP segmentation refused, sending datagrams one by one");
                     *segment = false;
                 }
-                // Dropped, as the one-by-one path would drop them.
+                // A full buffer or another error: each datagram of the run gets its own
+                // chance below, and those that still cannot go are dropped there.
                 Err(_) => {
+                    send_each(sock, &rest[..run]);
                     rest = &rest[run..];
                     continue;
                 }
@@ -594,7 +605,8 @@ fn segment_run(d: &[&[u8]]) -> usize {
     let by_total = 65_000 / size;
     let mut n = 0;
     for p in d.iter().take(SEGMENTS_MAX.min(by_total)) {
-        if p.len() > size {
+        // An empty datagram cannot be a segment: it would vanish from the run.
+        if p.len() > size || p.is_empty() {
             break;
         }
         n += 1;
@@ -603,6 +615,24 @@ fn segment_run(d: &[&[u8]]) -> usize {
         }
     }
     n.max(1)
+}
+
+/// Whether the kernel segments UDP sends on `sock` (`UDP_SEGMENT`, Linux 4.18 and later;
+/// older kernels would ignore the option and send a run as one large datagram).
+pub fn udp_segment_supported(sock: BorrowedFd<'_>) -> bool {
+    let mut size: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `size` and `len` are live and sized as the option needs for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&mut size as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    r == 0
 }
 
 /// One sendmsg(2) with `UDP_SEGMENT` set to the size of the first datagram.
@@ -654,10 +684,12 @@ fn send_each(sock: BorrowedFd<'_>, datagrams: &[&[u8]]) {
             sent += n as usize;
             continue;
         }
-        if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
+        match io::Error::last_os_error().kind() {
+            io::ErrorKind::Interrupted => continue,
+            // A full buffer: the rest would find it full too, and is dropped.
+            io::ErrorKind::WouldBlock => return,
+            // The first unsent datagram failed (ECONNREFUSED from an earlier one): drop it.
+            _ => sent += 1,
         }
-        // The first unsent datagram failed (a full buffer, ECONNREFUSED): drop it, go on.
-        sent += 1;
     }
 }

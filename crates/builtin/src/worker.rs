@@ -24,7 +24,7 @@
 //! over a `SOCK_SEQPACKET` pair ([`WorkerHandle`]), the one way to hand it a listener.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::thread::JoinHandle;
@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use nix::sys::socket::{recv, send, MsgFlags};
 use rkport_core::PortId;
 use socket2::{Domain, Type};
 
@@ -502,6 +503,12 @@ impl Worker {
         if let Some(spare) = self.spares[usize::from(v6)].ready.pop() {
             self.refill(v6);
             let sock = socket2::Socket::from(spare);
+            // The helper made it non-blocking, but a tampered one might not have; a blocking
+            // connect would hold this worker for as long as the kernel keeps trying.
+            if let Err(e) = sock.set_nonblocking(true) {
+                tracing::debug!(port = dial.port, error = %e, "cannot use a spare socket");
+                return reset(&dial.client);
+            }
             return match sock.connect(&dial.target.into()) {
                 Ok(()) => self.add(dial.port, dial.client, sock.into()),
                 Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
@@ -1033,14 +1040,13 @@ impl Flow {
     /// pipe. What `dst` cannot take at once goes into a
     /// borrowed pipe and leaves from there like spliced bytes, so order is kept. False when
     /// `src` had nothing to read.
-    fn copy(
-        &mut self,
-        mut src: &TcpStream,
-        mut dst: &TcpStream,
-        pool: &mut Vec<Pipe>,
-    ) -> io::Result<bool> {
+    fn copy(&mut self, src: &TcpStream, dst: &TcpStream, pool: &mut Vec<Pipe>) -> io::Result<bool> {
         let mut buf = [0u8; COPY_BUF];
-        let n = match src.read(&mut buf) {
+        // MSG_DONTWAIT, not the descriptor's flag alone: the helper inside could hold a copy
+        // of an inner socket's descriptor and clear O_NONBLOCK after handing it over.
+        let n = match recv(src.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT)
+            .map_err(io::Error::from)
+        {
             Ok(0) => {
                 self.eof = true;
                 return Ok(true);
@@ -1051,7 +1057,8 @@ impl Flow {
             Err(e) => return Err(e),
         };
         self.bulk = n == COPY_BUF;
-        let sent = match dst.write(&buf[..n]) {
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        let sent = match send(dst.as_raw_fd(), &buf[..n], flags).map_err(io::Error::from) {
             Ok(k) => k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e),

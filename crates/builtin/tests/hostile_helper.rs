@@ -55,13 +55,18 @@ enum Misbehave {
     ErrnoWithFd,
     /// A correct reply, then another for the same id with another socket.
     Duplicate,
+    /// Success with a good socket left blocking (no `O_NONBLOCK`).
+    Blocking,
     /// No answer at all.
     Silence,
 }
 
 /// Whether the client of a request with this behaviour is served.
 fn served(b: Misbehave) -> bool {
-    matches!(b, Misbehave::GarbageThenGood | Misbehave::Duplicate)
+    matches!(
+        b,
+        Misbehave::GarbageThenGood | Misbehave::Duplicate | Misbehave::Blocking
+    )
 }
 
 fn spec(s: &str) -> PortSpec {
@@ -166,6 +171,15 @@ fn act(chan: &OwnedFd, req: &Request, b: Misbehave, echo: SocketAddr) {
             reply(chan, req.id, 0, &raw(&[good(req.kind, echo)]));
             reply(chan, req.id, 0, &raw(&[good(req.kind, echo)]));
         }
+        Misbehave::Blocking => {
+            // A spare is not connected yet; the others are, as the helper would leave them.
+            let s = match req.kind {
+                Kind::Spare => Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket"),
+                _ => Socket::from(good(req.kind, echo)),
+            };
+            s.set_nonblocking(false).expect("blocking");
+            reply(chan, req.id, 0, &[s.as_raw_fd()]);
+        }
         Misbehave::Silence => {}
     }
 }
@@ -256,7 +270,7 @@ const STRICT: usize = 0;
 const FREE: usize = 1;
 const FIRST_SPARE_MODE: usize = 2;
 /// What spare requests get in turn; `None` is a real spare (a TCP socket not connected).
-const SPARE_MODES: [Option<Misbehave>; 10] = [
+const SPARE_MODES: [Option<Misbehave>; 11] = [
     Some(Misbehave::Pipe),
     Some(Misbehave::Listening),
     Some(Misbehave::WrongType),
@@ -266,6 +280,7 @@ const SPARE_MODES: [Option<Misbehave>; 10] = [
     Some(Misbehave::ErrnoWithFd),
     Some(Misbehave::GarbageThenGood),
     Some(Misbehave::Duplicate),
+    Some(Misbehave::Blocking),
     None,
 ];
 
@@ -402,6 +417,7 @@ fn misbehaving_helper_cannot_crash_or_hang_the_parent() -> Result {
         ManyFds,
         ErrnoWithFd,
         Duplicate,
+        Blocking,
     ];
     for b in all.iter().chain(&all).copied() {
         plan.send(b)?;

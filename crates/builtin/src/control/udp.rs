@@ -139,7 +139,8 @@ impl Control {
             None => match Datagrams::new() {
                 Ok(batch) => batch,
                 Err(e) => {
-                    return tracing::debug!(port = id, error = %e, "no memory for UDP datagrams")
+                    tracing::debug!(port = id, error = %e, "no memory for a UDP batch, taking datagrams one at a time");
+                    return self.udp_host_ready_one_by_one(id);
                 }
             },
         };
@@ -170,12 +171,34 @@ impl Control {
                 }
                 first = end;
             }
+            // A short batch emptied the queue; a datagram arriving since wakes the poll again.
             if n < DATAGRAM_BATCH {
                 break;
             }
         }
         self.datagrams = Some(batch);
         self.datagrams_used = Instant::now();
+    }
+
+    /// [`Control::udp_host_ready`] without batch buffers: one datagram per system call, into
+    /// the shared buffer.
+    fn udp_host_ready_one_by_one(&mut self, id: PortId) {
+        let mut errors = 0;
+        let mut buf = std::mem::take(&mut self.buf);
+        while errors < ERRORS_MAX {
+            let Some(Port::Udp(port)) = self.ports.get(&id) else {
+                break;
+            };
+            match port.socket.recv_from(&mut buf) {
+                Ok((n, client)) => self.udp_datagrams(id, client, &[&buf[..n]], Instant::now()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::trace!(port = id, error = %e, "UDP receive failed");
+                    errors += 1;
+                }
+            }
+        }
+        self.buf = buf;
     }
 
     /// Forwards `datagrams` from `client` through its session, opening one if needed.
@@ -303,6 +326,7 @@ impl Control {
         for datagram in session.backlog.drain(..) {
             let _ = sock.send(&datagram);
         }
+        session.segment = sys::udp_segment_supported(sock.as_fd());
         session.inner = Some((sock, token));
     }
 
