@@ -25,6 +25,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::thread::JoinHandle;
@@ -33,7 +34,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use nix::sys::socket::{recv, send, MsgFlags};
+use nix::sys::socket::{send, MsgFlags};
 use rkport_core::PortId;
 use socket2::{Domain, Type};
 
@@ -502,13 +503,11 @@ impl Worker {
         let v6 = dial.target.is_ipv6();
         if let Some(spare) = self.spares[usize::from(v6)].ready.pop() {
             self.refill(v6);
-            let sock = socket2::Socket::from(spare);
-            // The helper made it non-blocking, but a tampered one might not have; a blocking
-            // connect would hold this worker for as long as the kernel keeps trying.
-            if let Err(e) = sock.set_nonblocking(true) {
-                tracing::debug!(port = dial.port, error = %e, "cannot use a spare socket");
+            // A blocking connect would hold this worker for as long as the kernel keeps trying.
+            let Some(spare) = nonblocking(spare, dial.port) else {
                 return reset(&dial.client);
-            }
+            };
+            let sock = socket2::Socket::from(spare);
             return match sock.connect(&dial.target.into()) {
                 Ok(()) => self.add(dial.port, dial.client, sock.into()),
                 Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
@@ -667,7 +666,10 @@ impl Worker {
             .pop()
             .filter(|fd| fds.is_empty() && sys::is_socket_of(fd.as_fd(), domain, Type::STREAM));
         match fd {
-            Some(fd) => self.add(dial.port, dial.client, fd),
+            Some(fd) => match nonblocking(fd, dial.port) {
+                Some(fd) => self.add(dial.port, dial.client, fd),
+                None => reset(&dial.client),
+            },
             None => {
                 tracing::debug!(id = reply.id, "reply without a usable socket");
                 reset(&dial.client);
@@ -701,13 +703,9 @@ impl Worker {
     }
 
     /// Starts forwarding between `client` and `inner` (whose connect may still be in progress).
+    /// `inner` must be non-blocking already (see [`nonblocking`]).
     fn add(&mut self, port: PortId, client: TcpStream, inner: OwnedFd) {
         let inner = std::net::TcpStream::from(inner);
-        // The helper made it non-blocking, but a tampered one might not have.
-        if let Err(e) = inner.set_nonblocking(true) {
-            tracing::debug!(port, error = %e, "cannot use the inner socket");
-            return reset(&client);
-        }
         // TCP_NODELAY (as Go sets on every connection) is inherited by `client` from its
         // listener and set on `inner` by the helper.
         let pair = Pair {
@@ -1041,12 +1039,11 @@ impl Flow {
     /// borrowed pipe and leaves from there like spliced bytes, so order is kept. False when
     /// `src` had nothing to read.
     fn copy(&mut self, src: &TcpStream, dst: &TcpStream, pool: &mut Vec<Pipe>) -> io::Result<bool> {
-        let mut buf = [0u8; COPY_BUF];
+        // Not zeroed: only what recv(2) writes is read.
+        let mut buf = [MaybeUninit::<u8>::uninit(); COPY_BUF];
         // MSG_DONTWAIT, not the descriptor's flag alone: the helper inside could hold a copy
         // of an inner socket's descriptor and clear O_NONBLOCK after handing it over.
-        let n = match recv(src.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT)
-            .map_err(io::Error::from)
-        {
+        let n = match socket2::SockRef::from(src).recv_with_flags(&mut buf, libc::MSG_DONTWAIT) {
             Ok(0) => {
                 self.eof = true;
                 return Ok(true);
@@ -1057,6 +1054,8 @@ impl Flow {
             Err(e) => return Err(e),
         };
         self.bulk = n == COPY_BUF;
+        // SAFETY: recv(2) wrote the first `n` bytes of `buf`.
+        let buf = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
         let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
         let sent = match send(dst.as_raw_fd(), &buf[..n], flags).map_err(io::Error::from) {
             Ok(k) => k,
@@ -1103,6 +1102,18 @@ fn connect_result(sock: &TcpStream) -> io::Result<bool> {
         Ok(_) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+/// `sock` made non-blocking, or `None` (logged) when that fails. The helper makes every socket
+/// it sends non-blocking, but a tampered one might not have.
+fn nonblocking(sock: OwnedFd, port: PortId) -> Option<OwnedFd> {
+    match socket2::SockRef::from(&sock).set_nonblocking(true) {
+        Ok(()) => Some(sock),
+        Err(e) => {
+            tracing::debug!(port, error = %e, "cannot use a socket from the helper");
+            None
+        }
     }
 }
 
