@@ -68,6 +68,7 @@ impl BuiltinDriver {
             open_channel(&channel, helpers);
             state.workers.push(worker::spawn(i, ours)?);
         }
+        crate::watchdog::watch(state.workers.iter().map(WorkerHandle::progress).collect());
         let (tx, thread) = control::spawn(channel, DEFAULT_UDP_TIMEOUT)?;
         state.control = Some(tx);
         state.threads.push(thread);

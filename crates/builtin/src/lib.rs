@@ -77,6 +77,7 @@ mod control;
 mod driver;
 pub mod helper;
 mod sys;
+mod watchdog;
 pub mod wire;
 mod worker;
 

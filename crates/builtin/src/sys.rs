@@ -154,15 +154,13 @@ impl Pipe {
 
 /// Moves up to `len` bytes from `from` to `to` without copying to user space; one of them must
 /// be a pipe. Returns 0 at end of file of `from`.
+///
+/// `EINTR` is returned, not retried: on non-blocking descriptors splice(2) does not wait, so
+/// only a socket made blocking behind the worker's back gets here, interrupted by the
+/// [watchdog](crate::watchdog).
 pub fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    loop {
-        match nix::fcntl::splice(&from, None, &to, None, len, flags) {
-            Ok(n) => return Ok(n),
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    nix::fcntl::splice(&from, None, &to, None, len, flags).map_err(io::Error::from)
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit: every forwarded TCP connection holds
@@ -669,6 +667,9 @@ fn send_each(sock: BorrowedFd<'_>, datagrams: &[&[u8]]) {
         })
         .collect();
     let mut sent = 0;
+    // ECONNREFUSED reports an earlier datagram's ICMP error (and clears it): the one it was
+    // returned for is tried once more.
+    let mut retried = false;
     while sent < msgs.len() {
         // SAFETY: every header points at its own iovec, which points into a datagram borrowed
         // for the duration of the call; the kernel only reads them.
@@ -682,14 +683,20 @@ fn send_each(sock: BorrowedFd<'_>, datagrams: &[&[u8]]) {
         };
         if n > 0 {
             sent += n as usize;
+            retried = false;
             continue;
         }
-        match io::Error::last_os_error().kind() {
+        let e = io::Error::last_os_error();
+        match e.kind() {
             io::ErrorKind::Interrupted => continue,
             // A full buffer: the rest would find it full too, and is dropped.
             io::ErrorKind::WouldBlock => return,
-            // The first unsent datagram failed (ECONNREFUSED from an earlier one): drop it.
-            _ => sent += 1,
+            _ if e.raw_os_error() == Some(libc::ECONNREFUSED) && !retried => retried = true,
+            // The first unsent datagram failed: drop it.
+            _ => {
+                sent += 1;
+                retried = false;
+            }
         }
     }
 }

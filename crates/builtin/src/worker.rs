@@ -15,7 +15,9 @@
 //! connections hold no pipe; a direction that has proved to be a bulk transfer keeps its
 //! (grown) pipe. Half-close is propagated: when a direction reads end of file and its pipe is
 //! drained, the other socket is shut down for writing; the pair closes once both directions
-//! have ended. An error on either side resets both. Workers never block.
+//! have ended. An error on either side resets both. Workers never block on their own sockets;
+//! one held by an inner socket that the helper made blocking behind its back is freed by the
+//! [watchdog](crate::watchdog).
 //!
 //! Each worker has a descriptor table of its own ([`sys::spawn_with_own_fds`]): its listeners,
 //! connections and pipes are listed under `/proc/PID/task/TID/fd` of the worker thread, not
@@ -28,6 +30,8 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -39,6 +43,7 @@ use rkport_core::PortId;
 use socket2::{Domain, Type};
 
 use crate::sys::{self, Pipe};
+use crate::watchdog::Progress;
 use crate::wire::{Kind, Reply, Request, REQUEST_LEN};
 
 /// Capacity asked for the pipe of a bulk direction, and the most bytes moved by one splice.
@@ -92,6 +97,7 @@ const CMD_LEN: usize = 1 + REQUEST_LEN;
 pub(crate) struct WorkerHandle {
     cmd: OwnedFd,
     thread: Option<JoinHandle<()>>,
+    progress: Arc<Progress>,
 }
 
 impl WorkerHandle {
@@ -135,6 +141,7 @@ impl WorkerHandle {
     /// Ends the worker, closing everything it holds, and waits for its thread.
     pub fn stop(&mut self) {
         let _ = socket2::SockRef::from(&self.cmd).shutdown(Shutdown::Both);
+        self.progress.set_thread(None);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -151,21 +158,32 @@ impl Drop for WorkerHandle {
 /// own).
 pub(crate) fn spawn(n: usize, channel: OwnedFd) -> io::Result<WorkerHandle> {
     let (cmd, theirs) = crate::channel()?;
+    let progress = Arc::new(Progress::default());
+    let theirs_progress = Arc::clone(&progress);
     let thread = sys::spawn_with_own_fds(format!("rkport-worker-{n}"), vec![theirs, channel], {
         move |mut fds| {
             let (Some(channel), Some(cmd)) = (fds.pop(), fds.pop()) else {
                 return;
             };
             match Worker::new(cmd, channel) {
-                Ok(worker) => worker.run(),
+                Ok(worker) => worker.run(&theirs_progress),
                 Err(e) => tracing::debug!(error = %e, "cannot start a forwarding worker"),
             }
         }
     })?;
+    progress.set_thread(Some(thread.as_pthread_t()));
     Ok(WorkerHandle {
         cmd,
         thread: Some(thread),
+        progress,
     })
+}
+
+impl WorkerHandle {
+    /// For [`watchdog::watch`].
+    pub fn progress(&self) -> Weak<Progress> {
+        Arc::downgrade(&self.progress)
+    }
 }
 
 /// One direction of a pair: bytes read from one socket, waiting in `pipe` for the other.
@@ -311,7 +329,7 @@ impl Worker {
         })
     }
 
-    fn run(mut self) {
+    fn run(mut self, progress: &Progress) {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = if self.again.is_empty() {
@@ -320,7 +338,10 @@ impl Worker {
             } else {
                 Some(Duration::ZERO)
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            progress.polling();
+            let polled = self.poll.poll(&mut events, timeout);
+            progress.working();
+            if let Err(e) = polled {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }

@@ -16,11 +16,12 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use mio::{Interest, Token};
+use nix::sys::socket::{recv, send, MsgFlags};
 use rkport_core::PortId;
 
 use super::{Control, Pending, Port, Source};
@@ -280,7 +281,10 @@ impl Control {
             let Some((inner, _)) = &session.inner else {
                 return;
             };
-            match inner.recv(&mut self.buf) {
+            // MSG_DONTWAIT rather than the descriptor's flag: the helper may hold a copy of
+            // this socket and could have cleared O_NONBLOCK on it.
+            let got = recv(inner.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT);
+            match got.map_err(io::Error::from) {
                 Ok(n) => {
                     session.last = Instant::now();
                     // A full host socket drops the reply, as the network would.
@@ -324,7 +328,7 @@ impl Control {
             return self.end_session(id, client);
         }
         for datagram in session.backlog.drain(..) {
-            let _ = sock.send(&datagram);
+            let _ = send(sock.as_raw_fd(), &datagram, MsgFlags::MSG_DONTWAIT);
         }
         session.segment = sys::udp_segment_supported(sock.as_fd());
         session.inner = Some((sock, token));
