@@ -686,3 +686,59 @@ fn helper_survives_too_many_sockets_in_flight() -> Result {
     drop((channel, parent_end));
     ns.wait()
 }
+
+#[test]
+fn udp_flood_leaves_room_for_port_changes() -> Result {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    // Datagrams arriving faster than the forwarder takes them must not keep its loop from
+    // the driver's commands: it serves them between bounded rounds of batches.
+    let (ns, driver) = Ns::start()?;
+    let addr = publish(&driver, UDP_ECHO, "udp")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooders: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || -> Result<(u64, bool)> {
+                let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+                s.set_nonblocking(true)?;
+                let payload = [0x5a; 1200];
+                let mut buf = [0u8; 2048];
+                let end = Instant::now() + Duration::from_secs(20);
+                let mut sent = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if Instant::now() > end {
+                        return Ok((sent, true));
+                    }
+                    for _ in 0..64 {
+                        if s.send_to(&payload, addr).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                    while s.recv(&mut buf).is_ok() {}
+                }
+                Ok((sent, false))
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        let other = free_port()?;
+        let status = driver.add_port(&spec(&format!("127.0.0.1:{other}:{UDP_ECHO}/udp")))?;
+        driver.remove_port(status.id)?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for flooder in flooders {
+        let (sent, ended) = flooder.join().expect("flooder")?;
+        assert!(sent > 0, "the flood sent nothing");
+        assert!(!ended, "port changes waited 20 s, until the flood ended");
+    }
+    let client = udp_client()?;
+    assert_eq!(
+        udp_round(&client, addr, b"after the flood")?,
+        b"after the flood"
+    );
+    ns.finish(driver)
+}

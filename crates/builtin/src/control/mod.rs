@@ -92,6 +92,7 @@ pub(crate) fn spawn(
         buf: vec![0; 65536].into_boxed_slice(),
         datagrams: None,
         datagrams_used: Instant::now(),
+        again: Vec::new(),
     };
     let thread = std::thread::Builder::new()
         .name("rkport-builtin-ctl".into())
@@ -159,15 +160,21 @@ struct Control {
     /// Receive buffers for UDP batches, while UDP traffic flows.
     datagrams: Option<crate::sys::Datagrams>,
     datagrams_used: Instant,
+    /// Sources that stopped with datagrams still waiting, so that commands and replies get
+    /// their turn under a flood; served again after the next poll, which then does not wait.
+    again: Vec<Token>,
 }
 
 impl Control {
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
         loop {
-            let timeout = self
-                .next_deadline()
-                .map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = match self.again.is_empty() {
+                true => self
+                    .next_deadline()
+                    .map(|t| t.saturating_duration_since(Instant::now())),
+                false => Some(Duration::ZERO),
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -187,6 +194,9 @@ impl Control {
                     CHANNEL => self.channel_ready(),
                     token => self.source_ready(token),
                 }
+            }
+            for token in std::mem::take(&mut self.again) {
+                self.source_ready(token);
             }
         }
     }
@@ -253,10 +263,13 @@ impl Control {
     }
 
     fn source_ready(&mut self, token: Token) {
-        match self.sources.get(&token).copied() {
+        let more = match self.sources.get(&token).copied() {
             Some(Source::UdpHost(id)) => self.udp_host_ready(id),
             Some(Source::UdpInner(id, client)) => self.udp_inner_ready(id, client),
-            None => {}
+            None => false,
+        };
+        if more && !self.again.contains(&token) {
+            self.again.push(token);
         }
     }
 

@@ -28,6 +28,11 @@ use super::{Control, Pending, Port, Source};
 use crate::sys::{self, Datagrams, DATAGRAM_BATCH};
 use crate::wire::Kind;
 
+/// Batches a host socket's wake-up takes at most before the loop serves others (commands,
+/// helper replies, other ports) and comes back.
+const BATCHES_PER_WAKE: usize = 16;
+/// The same bound, in datagrams, for one-at-a-time receives.
+const DATAGRAMS_PER_WAKE: usize = BATCHES_PER_WAKE * DATAGRAM_BATCH;
 /// Datagrams kept per session while its inner socket is being opened.
 const BACKLOG_MAX: usize = 64;
 /// Longest time between two sweeps for idle sessions.
@@ -134,7 +139,9 @@ impl Control {
     /// Reads every waiting datagram of port `id`'s host socket, a batch per system call, and
     /// forwards them: each run of datagrams from one client goes to its session in as few
     /// sends as the kernel allows.
-    pub(super) fn udp_host_ready(&mut self, id: PortId) {
+    ///
+    /// True when it stopped at [`BATCHES_PER_WAKE`] with more perhaps waiting.
+    pub(super) fn udp_host_ready(&mut self, id: PortId) -> bool {
         let mut batch = match self.datagrams.take() {
             Some(batch) => batch,
             None => match Datagrams::new() {
@@ -146,7 +153,11 @@ impl Control {
             },
         };
         let mut errors = 0;
-        while errors < ERRORS_MAX {
+        let mut more = false;
+        for round in 1.. {
+            if errors >= ERRORS_MAX {
+                break;
+            }
             let Some(Port::Udp(port)) = self.ports.get(&id) else {
                 break;
             };
@@ -176,23 +187,33 @@ impl Control {
             if n < DATAGRAM_BATCH {
                 break;
             }
+            if round == BATCHES_PER_WAKE {
+                more = true;
+                break;
+            }
         }
         self.datagrams = Some(batch);
         self.datagrams_used = Instant::now();
+        more
     }
 
     /// [`Control::udp_host_ready`] without batch buffers: one datagram per system call, into
     /// the shared buffer.
-    fn udp_host_ready_one_by_one(&mut self, id: PortId) {
+    fn udp_host_ready_one_by_one(&mut self, id: PortId) -> bool {
         let mut errors = 0;
+        let mut more = true;
         let mut buf = std::mem::take(&mut self.buf);
-        while errors < ERRORS_MAX {
-            let Some(Port::Udp(port)) = self.ports.get(&id) else {
+        for _ in 0..DATAGRAMS_PER_WAKE {
+            let Some(Port::Udp(port)) = self.ports.get(&id).filter(|_| errors < ERRORS_MAX) else {
+                more = false;
                 break;
             };
             match port.socket.recv_from(&mut buf) {
                 Ok((n, client)) => self.udp_datagrams(id, client, &[&buf[..n]], Instant::now()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    more = false;
+                    break;
+                }
                 Err(e) => {
                     tracing::trace!(port = id, error = %e, "UDP receive failed");
                     errors += 1;
@@ -200,6 +221,7 @@ impl Control {
             }
         }
         self.buf = buf;
+        more
     }
 
     /// Forwards `datagrams` from `client` through its session, opening one if needed.
@@ -269,17 +291,22 @@ impl Control {
     }
 
     /// Sends every reply waiting on `client`'s inner socket back to the client.
-    pub(super) fn udp_inner_ready(&mut self, id: PortId, client: SocketAddr) {
+    ///
+    /// True when it stopped at [`DATAGRAMS_PER_WAKE`] with more perhaps waiting.
+    pub(super) fn udp_inner_ready(&mut self, id: PortId, client: SocketAddr) -> bool {
         let mut errors = 0;
-        while errors < ERRORS_MAX {
+        for _ in 0..DATAGRAMS_PER_WAKE {
+            if errors >= ERRORS_MAX {
+                return false;
+            }
             let Some(Port::Udp(port)) = self.ports.get_mut(&id) else {
-                return;
+                return false;
             };
             let Some(session) = port.sessions.get_mut(&client) else {
-                return;
+                return false;
             };
             let Some((inner, _)) = &session.inner else {
-                return;
+                return false;
             };
             // MSG_DONTWAIT rather than the descriptor's flag: the helper may hold a copy of
             // this socket and could have cleared O_NONBLOCK on it.
@@ -290,7 +317,7 @@ impl Control {
                     // A full host socket drops the reply, as the network would.
                     let _ = port.socket.send_to(&self.buf[..n], client);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
                 Err(e) => {
                     tracing::trace!(port = id, %client, error = %e, "UDP receive inside failed");
@@ -298,6 +325,7 @@ impl Control {
                 }
             }
         }
+        true
     }
 
     /// Puts the helper's socket to work for `client`'s session and sends its backlog.
