@@ -302,11 +302,28 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result 
     Ok(())
 }
 
-/// A free TCP (and usually UDP) port on 127.0.0.1.
+/// A port free for both TCP and UDP on 127.0.0.1, outside the ephemeral range.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+    // Below the kernel's range of ephemeral ports (32768–60999 by default), from which
+    // connect(2) and bind(0) pick: no connection of a test running alongside can take a port
+    // handed out here between its pick and its use (or while a test has it unbound for a
+    // moment). Picks walk the range from an offset of this process, so that concurrent tests
+    // get different ports.
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let seed = std::process::id().wrapping_mul(7919) % SPAN;
+    let _ = NEXT.compare_exchange(u32::MAX, seed, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        let free = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+            && UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok();
+        if free {
+            return Ok(port);
+        }
+    }
+    Err("no free port between 20000 and 31999".into())
 }
 
 /// Connects to `addr` with the hang guard set for reads and writes.
