@@ -618,19 +618,7 @@ fn segment_run(d: &[&[u8]]) -> usize {
 /// Whether the kernel segments UDP sends on `sock` (`UDP_SEGMENT`, Linux 4.18 and later;
 /// older kernels would ignore the option and send a run as one large datagram).
 pub fn udp_segment_supported(sock: BorrowedFd<'_>) -> bool {
-    let mut size: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `size` and `len` are live and sized as the option needs for the call.
-    let r = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_SEGMENT,
-            (&mut size as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    r == 0
+    getsockopt(&sock, sockopt::UdpGsoSegment).is_ok()
 }
 
 /// One sendmsg(2) with `UDP_SEGMENT` set to the size of the first datagram.
@@ -698,5 +686,22 @@ fn send_each(sock: BorrowedFd<'_>, datagrams: &[&[u8]]) {
                 retried = false;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn udp_segmentation_is_seen_on_a_kernel_that_has_it() {
+        // UDP_SEGMENT came with Linux 4.18; every kernel this is built and tested on has it.
+        let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        assert!(udp_segment_supported(sock.as_fd()));
+        let tcp = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        assert!(
+            !udp_segment_supported(tcp.as_fd()),
+            "a TCP socket has no UDP_SEGMENT"
+        );
     }
 }

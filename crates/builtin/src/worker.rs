@@ -38,7 +38,6 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use nix::sys::socket::{send, MsgFlags};
 use rkport_core::PortId;
 use socket2::{Domain, Type};
 
@@ -138,6 +137,11 @@ impl WorkerHandle {
         matches!(sys::recv_with_fds(self.cmd.as_fd(), &mut ack), Ok(r) if r.len == 1)
     }
 
+    /// For [`watchdog::watch`](crate::watchdog::watch).
+    pub fn progress(&self) -> Weak<Progress> {
+        Arc::downgrade(&self.progress)
+    }
+
     /// Ends the worker, closing everything it holds, and waits for its thread.
     pub fn stop(&mut self) {
         let _ = socket2::SockRef::from(&self.cmd).shutdown(Shutdown::Both);
@@ -177,13 +181,6 @@ pub(crate) fn spawn(n: usize, channel: OwnedFd) -> io::Result<WorkerHandle> {
         thread: Some(thread),
         progress,
     })
-}
-
-impl WorkerHandle {
-    /// For [`watchdog::watch`].
-    pub fn progress(&self) -> Weak<Progress> {
-        Arc::downgrade(&self.progress)
-    }
 }
 
 /// One direction of a pair: bytes read from one socket, waiting in `pipe` for the other.
@@ -1077,8 +1074,8 @@ impl Flow {
         self.bulk = n == COPY_BUF;
         // SAFETY: recv(2) wrote the first `n` bytes of `buf`.
         let buf = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
-        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-        let sent = match send(dst.as_raw_fd(), &buf[..n], flags).map_err(io::Error::from) {
+        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        let sent = match socket2::SockRef::from(dst).send_with_flags(buf, flags) {
             Ok(k) => k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e),
